@@ -1,0 +1,108 @@
+"""Build FlashHead assets from an LM-head weight, and the CLI `python -m fh_compile.build_assets`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fh_compile.assets import FlashHeadAssets, weight_fingerprint
+from fh_compile.clustering import ClusterConfig, cluster_rows
+
+CENTROID_MODES = ("mean", "normalized")
+
+
+def centroids_for(weight_sorted: torch.Tensor, offsets: torch.Tensor, mode: str) -> torch.Tensor:
+    """Scoring vectors [K, D] for clusters laid out by `offsets` over `weight_sorted` [V, D].
+
+    mode "mean": the mean of the cluster's raw rows, so h . c is the cluster's mean logit (keeps
+    the row norms, which decide which tokens win).  "normalized": the unit spherical centroid.
+    """
+    if mode not in CENTROID_MODES:
+        raise ValueError(f"centroid_mode must be one of {CENTROID_MODES}, got {mode!r}")
+    V, D = weight_sorted.shape
+    sizes = (offsets[1:] - offsets[:-1]).to(weight_sorted.device)
+    cluster = torch.repeat_interleave(torch.arange(sizes.numel(), device=sizes.device), sizes)
+    rows = weight_sorted.float()
+    if mode == "normalized":
+        rows = torch.nn.functional.normalize(rows, dim=-1)
+    sums = torch.zeros(sizes.numel(), D, device=rows.device).index_add_(0, cluster, rows)
+    cent = sums / sizes.clamp(min=1).unsqueeze(1).float()
+    if mode == "normalized":
+        cent = torch.nn.functional.normalize(cent, dim=-1)
+    return cent.to(weight_sorted.dtype)
+
+
+def build_assets(weight: torch.Tensor, *, cluster_size: int = 16, centroid_mode: str = "mean",
+                 coarse_iters: int = 12, fine_iters: int = 12, groups: int | None = None,
+                 seed: int = 0, fingerprint: str | None = None) -> FlashHeadAssets:
+    """Cluster the rows of an LM-head weight [V, D] and return FlashHead assets.
+
+    Balanced spherical k-means (see fh_compile.clustering: exact capacities enforced in every
+    assignment round, two levels).  Every cluster holds `cluster_size` rows except that, when V is
+    not divisible, the last clusters hold one fewer.  Rows are reordered cluster by cluster (by
+    vocabulary id inside a cluster).  Runs on weight's device; the result stays there.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, D], got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating tensor, got {weight.dtype}")
+    if cluster_size > weight.shape[0]:
+        raise ValueError(f"cluster_size {cluster_size} exceeds the vocabulary size {weight.shape[0]}")
+    cfg = ClusterConfig(cluster_size=cluster_size, coarse_iters=coarse_iters,
+                        fine_iters=fine_iters, groups=groups, seed=seed)
+    weight = weight.detach()
+    t0 = time.perf_counter()
+    cluster = cluster_rows(weight, cfg)                                 # [V] int64
+    V = weight.shape[0]
+    order = torch.argsort(cluster * V + torch.arange(V, device=cluster.device))
+    counts = torch.bincount(cluster, minlength=int(cluster.max()) + 1)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int64)
+    weight_sorted = weight[order].contiguous()
+    params = {"centroid_mode": centroid_mode, "coarse_iters": coarse_iters,
+              "fine_iters": fine_iters, "groups": groups, "seed": seed,
+              "algorithm": "two-level balanced spherical k-means",
+              "build_seconds": round(time.perf_counter() - t0, 3),
+              "build_device": str(weight.device)}
+    return FlashHeadAssets(
+        centroids=centroids_for(weight_sorted, offsets, centroid_mode),
+        weight=weight_sorted, offsets=offsets.to(weight.device), token_ids=order.to(torch.int64),
+        cluster_size=cluster_size, fingerprint=fingerprint or weight_fingerprint(weight),
+        params=params)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fh_compile.build_assets", description=__doc__)
+    p.add_argument("--model", required=True,
+                   help="Hugging Face folder, hub id, or .gguf file whose LM head to cluster")
+    p.add_argument("--out", required=True, help="directory to write the assets to")
+    p.add_argument("--cluster-size", type=int, default=16)
+    p.add_argument("--centroid-mode", choices=CENTROID_MODES, default="mean")
+    p.add_argument("--iters", type=int, default=12, help="k-means iterations per level")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (where clustering runs)")
+    args = p.parse_args(argv)
+
+    from fh_compile.loading import ModelLoadError, load_lm_head_weight
+
+    try:
+        weight = load_lm_head_weight(args.model)
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    assets = build_assets(weight.to(args.device), cluster_size=args.cluster_size,
+                          centroid_mode=args.centroid_mode, coarse_iters=args.iters,
+                          fine_iters=args.iters, seed=args.seed)
+    out = assets.to("cpu").save(Path(args.out))
+    print(f"built {assets.num_clusters} clusters of <= {assets.cluster_size} rows for V="
+          f"{assets.vocab_size}, D={assets.hidden_size} in {time.perf_counter() - t0:.1f} s "
+          f"on {args.device}; fingerprint {assets.fingerprint}; wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
