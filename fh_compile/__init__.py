@@ -1,0 +1,14 @@
+"""FlashHead-compile: a retrieval LM head as a torch.library op, compiled and exported.
+
+Main entry points: build_assets (offline clustering), swap_head (install the head on a model
+instance), compile_model (head + torch.compile), generate (compiled static-cache decode loop).
+"""
+
+from fh_compile.assets import AssetError, FlashHeadAssets, weight_fingerprint
+from fh_compile.build_assets import build_assets
+from fh_compile.head import FlashHeadConfig, FlashHeadLMHead, restore_dense_head, swap_head
+from fh_compile.sampling import SamplingConfig
+
+__all__ = ["AssetError", "FlashHeadAssets", "weight_fingerprint", "build_assets",
+           "FlashHeadConfig", "FlashHeadLMHead", "restore_dense_head", "swap_head",
+           "SamplingConfig"]

@@ -1,0 +1,168 @@
+"""FlashHeadLMHead: a drop-in LM head module, swapped onto one model instance (no patching)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from custom_ops import FlashHeadTopK, flashhead_topk
+from fh_compile.assets import FlashHeadAssets
+from fh_compile.sampling import SamplingConfig, gumbel_probe_noise, sample_candidates
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FlashHeadConfig:
+    """probes: clusters scored exactly per row.  k: candidates kept per row (the support of
+    sampling and of the logits the module returns).  dense_above_rows: rows per call above which
+    the dense head is cheaper and is used instead (None: when rows * probes * C exceeds V, i.e.
+    when even with no cluster shared the candidates could cover the vocabulary)."""
+
+    probes: int = 256
+    k: int = 64
+    dense_above_rows: int | None = None
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if self.probes < 1:
+            raise ValueError(f"probes must be >= 1, got {self.probes}")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.dense_above_rows is not None and self.dense_above_rows < 0:
+            raise ValueError(f"dense_above_rows must be >= 0, got {self.dense_above_rows}")
+
+
+class FlashHeadLMHead(nn.Module):
+    """Replaces `lm_head`.  forward(hidden [..., D]) -> logits [..., V] fp32 that hold the exact
+    logits of FlashHead's k candidates and -inf elsewhere, so `model.generate` (greedy, top-k,
+    top-p, temperature) works unchanged.  `topk` and `next_tokens` skip the [.., V] tensor.
+
+    Buffers are named fh_* (not `weight`) so that Hugging Face weight tying can never overwrite
+    the reordered rows.
+    """
+
+    def __init__(self, assets: FlashHeadAssets, config: FlashHeadConfig) -> None:
+        super().__init__()
+        K, C = assets.num_clusters, assets.cluster_size
+        if config.probes > K:
+            raise ValueError(f"probes={config.probes} exceeds the number of clusters K={K}")
+        if config.k > config.probes * assets.min_cluster_size:
+            raise ValueError(f"k={config.k} exceeds the candidates that {config.probes} probes "
+                             f"guarantee ({config.probes * assets.min_cluster_size}); lower k")
+        self.config = config
+        self.cluster_size = C
+        self.in_features, self.out_features = assets.hidden_size, assets.vocab_size
+        self.fingerprint = assets.fingerprint
+        self.register_buffer("fh_centroids", assets.centroids)
+        self.register_buffer("fh_rows", assets.weight)
+        self.register_buffer("fh_offsets", assets.offsets)
+        self.register_buffer("fh_token_ids", assets.token_ids)
+        inv = torch.empty_like(assets.token_ids)
+        inv[assets.token_ids] = torch.arange(assets.vocab_size, device=inv.device)
+        self.register_buffer("fh_inverse", inv)                        # vocab id -> row
+
+    # -- which path runs ------------------------------------------------------------------------
+    def path_for(self, rows: int) -> str:
+        """'flashhead' or 'dense' for a call with `rows` hidden states (static at trace time)."""
+        if not self.config.enabled:
+            return "dense"
+        limit = self.config.dense_above_rows
+        if limit is None:
+            limit = self.out_features // (self.config.probes * self.cluster_size)
+        return "dense" if rows > limit else "flashhead"
+
+    def _note_path(self, rows: int, path: str) -> None:
+        if path == "dense" and self.config.enabled and not torch.compiler.is_compiling():
+            log.info("FlashHead: %d rows per call is above dense_above_rows; using the dense head",
+                     rows)
+
+    # -- compute --------------------------------------------------------------------------------
+    def dense_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h [N, D] -> fp32 logits [N, V] in vocabulary order, from the same (reordered) rows."""
+        out = torch.nn.functional.linear(h, self.fh_rows.to(h.dtype)).float()
+        return out.index_select(1, self.fh_inverse)
+
+    def topk(self, h: torch.Tensor, k: int | None = None,
+             centroid_noise: torch.Tensor | None = None) -> FlashHeadTopK:
+        """h [N, D] -> FlashHeadTopK(ids [N, k], logits [N, k]); dense top-k where path_for says."""
+        k = k or self.config.k
+        path = self.path_for(h.shape[0])
+        self._note_path(h.shape[0], path)
+        if path == "dense":
+            vals, ids = self.dense_logits(h).topk(k, dim=-1)
+            return FlashHeadTopK(ids, vals)
+        return flashhead_topk(h, self.fh_centroids, self.fh_rows, self.fh_offsets,
+                              self.fh_token_ids, probes=self.config.probes,
+                              cluster_size=self.cluster_size, k=k, centroid_noise=centroid_noise)
+
+    def next_tokens(self, h: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+        """h [N, D] -> next token ids [N] int64 (greedy or sampled over the candidates)."""
+        noise = None
+        if sampling.stochastic_probing and self.path_for(h.shape[0]) == "flashhead":
+            noise = gumbel_probe_noise(h.shape[0], self.fh_centroids.shape[0],
+                                       sampling.temperature, h.device)
+        k = 1 if not sampling.do_sample else self.config.k
+        cand = self.topk(h, k, noise)
+        return sample_candidates(cand.ids, cand.logits, sampling)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        lead, D = hidden.shape[:-1], hidden.shape[-1]
+        h = hidden.reshape(-1, D)
+        if self.path_for(h.shape[0]) == "dense":
+            self._note_path(h.shape[0], "dense")
+            return self.dense_logits(h).reshape(*lead, self.out_features)
+        cand = self.topk(h)
+        out = torch.full((h.shape[0], self.out_features), float("-inf"), device=h.device)
+        return out.scatter(1, cand.ids, cand.logits).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"V={self.out_features}, D={self.in_features}, K={self.fh_centroids.shape[0]}, "
+                f"C={self.cluster_size}, probes={self.config.probes}, k={self.config.k}, "
+                f"enabled={self.config.enabled}")
+
+
+def swap_head(model: nn.Module, assets: FlashHeadAssets, *, probes: int = 256, k: int = 64,
+              dense_above_rows: int | None = None, enabled: bool = True,
+              check_fingerprint: bool = True) -> FlashHeadLMHead:
+    """Install a FlashHeadLMHead as THIS model's output embedding; returns it.
+
+    The assets must match the model's head (fingerprint), and are moved to the head's device and
+    dtype.  `restore_dense_head(model)` puts the original head back.
+    """
+    dense = _output_embeddings(model)
+    if isinstance(dense, FlashHeadLMHead):
+        raise ValueError("this model already has a FlashHead head; call restore_dense_head first")
+    if getattr(dense, "bias", None) is not None:
+        raise ValueError("LM heads with a bias are not supported by FlashHead")
+    if check_fingerprint:
+        assets.check_matches(dense.weight)
+    head = FlashHeadLMHead(assets.to(dense.weight.device, dense.weight.dtype),
+                           FlashHeadConfig(probes=probes, k=k, dense_above_rows=dense_above_rows,
+                                           enabled=enabled))
+    head._dense_head = [dense]  # a list: keeps the original out of the module tree / state_dict
+    model.set_output_embeddings(head)
+    return head
+
+
+def restore_dense_head(model: nn.Module) -> nn.Module:
+    """Undo swap_head on this model; returns the original dense head."""
+    head = _output_embeddings(model)
+    if not isinstance(head, FlashHeadLMHead):
+        raise ValueError("this model has no FlashHead head to remove")
+    dense = head._dense_head[0]
+    model.set_output_embeddings(dense)
+    return dense
+
+
+def _output_embeddings(model: nn.Module) -> Any:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no LM head (get_output_embeddings() is "
+                         f"None); load a causal LM such as AutoModelForCausalLM")
+    return head
