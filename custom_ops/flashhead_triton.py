@@ -1,0 +1,240 @@
+"""Triton kernels for FlashHead on CUDA: centroid scoring, the batch's cluster union, exact scoring.
+
+Dimensions: B rows of the batch, D hidden size, V vocabulary, K clusters, C cluster size
+(largest cluster), P probed clusters per row, U = min(B * P, K) slots of the cluster union,
+k returned candidates.
+
+Pipeline of `triton_topk` (every launch fixed-size, no host sync: CUDA-graph capturable):
+  1. `_centroid_scores_kernel`: S [B, K] fp32 = h . centroids (+ noise); each program reads a
+     block of centroids once for all B rows.  torch.topk(S, P) picks sel [B, P].
+  2. `_mark_selected_kernel`, cumsum, `_compact_union_kernel`: the distinct clusters selected by
+     any row, as a list union [U] plus its length (the last element of the cumsum), and
+     pos [B, K] = where row b keeps cluster c among its P picks, or -1.
+  3. `_score_union_kernel`: one program per union cluster reads its C weight rows once, scores
+     them against all B rows, and writes the rows that picked it into cand [B, P * C].
+  4. torch.topk over int64 keys (logit, then smallest id) gives the k best, best first.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+# Low 32 bits of a candidate key hold _ID_BIAS - vocab id, so a larger key means a smaller id.
+_ID_BIAS = 2**31 - 1
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every scratch buffer that a kernel must fully write comes from here (tests poison it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _launch(kernel: Any, grid: tuple[int, ...]) -> Any:
+    """wrap_triton so Inductor sees the kernel; under TRITON_INTERPRET=1 the kernel is an
+    InterpretedFunction, which older torch versions refuse to wrap, so launch it directly."""
+    if isinstance(kernel, JITFunction):
+        return torch.library.wrap_triton(kernel)[grid]
+    return kernel[grid]
+
+
+@triton.jit
+def _centroid_scores_kernel(h_ptr, cent_ptr, noise_ptr, s_ptr, B, K, D,
+                            HAS_NOISE: tl.constexpr, DOT_FP32: tl.constexpr,
+                            EVEN_D: tl.constexpr, BLOCK_K: tl.constexpr,
+                            BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """S[b, c] = sum_d h[b, d] * centroids[c, d] (+ noise[b, c]), fp32 accumulation.
+
+    h [B, D] and centroids [K, D] in bf16/fp16/fp32 (fp32 products unless both are the same
+    16-bit type, whose products are exact in fp32 anyway); noise [B, K] any float (read only
+    with HAS_NOISE); S [B, K] fp32, every element written.  Grid (cdiv(K, BLOCK_K),
+    cdiv(B, BLOCK_B)): a program reads its BLOCK_K centroids once for BLOCK_B rows.
+    Cost: K * D * elt bytes of centroids (29 MB for K=9496, D=1536 bf16) + 4 * B * K written.
+    """
+    rows = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)            # [BLOCK_K] cluster ids
+    b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)               # [BLOCK_B]
+    row_ok = rows < K
+    b_ok = b < B
+    rows64 = rows.to(tl.int64)
+    acc = tl.zeros((BLOCK_K, BLOCK_B), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        if EVEN_D:
+            c_mask = row_ok[:, None]
+            h_mask = b_ok[:, None]
+        else:
+            c_mask = row_ok[:, None] & (d < D)[None, :]
+            h_mask = b_ok[:, None] & (d < D)[None, :]
+        cv = tl.load(cent_ptr + rows64[:, None] * D + d[None, :], mask=c_mask, other=0.0)
+        hv = tl.load(h_ptr + b[:, None] * D + d[None, :], mask=h_mask, other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(cv.to(tl.float32), tl.trans(hv.to(tl.float32)), acc,
+                         input_precision="ieee")
+        else:
+            acc = tl.dot(cv, tl.trans(hv), acc)
+    out = b[None, :].to(tl.int64) * K + rows[:, None]                   # [BLOCK_K, BLOCK_B]
+    out_mask = row_ok[:, None] & b_ok[None, :]
+    if HAS_NOISE:
+        acc += tl.load(noise_ptr + out, mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(s_ptr + out, acc, mask=out_mask)
+
+
+@triton.jit
+def _mark_selected_kernel(sel_ptr, pos_ptr, flag_ptr, B, K, P, BLOCK: tl.constexpr):
+    """pos[b, sel[b, p]] = p and flag[sel[b, p]] = 1 for every (b, p).
+
+    sel [B, P] int64 distinct per row; pos [B, K] int32 pre-filled with -1; flag [K] int32
+    pre-zeroed (concurrent writes of 1 to one flag are benign).  Cost: ~12 * B * P bytes.
+    """
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < B * P
+    c = tl.load(sel_ptr + idx, mask=ok, other=0)
+    b = idx // P
+    tl.store(pos_ptr + b.to(tl.int64) * K + c, idx - b * P, mask=ok)
+    tl.store(flag_ptr + c, tl.full((BLOCK,), 1, tl.int32), mask=ok)
+
+
+@triton.jit
+def _compact_union_kernel(flag_ptr, incl_ptr, union_ptr, K, BLOCK: tl.constexpr):
+    """union[incl[c] - 1] = c for every flagged cluster c: the union in increasing cluster order.
+
+    flag [K] int32 0/1; incl [K] int32 inclusive cumsum of flag (incl[K - 1] = union length);
+    union [U] int32, only its first incl[K - 1] slots written.  Cost: 8 * K + 4 * U bytes.
+    """
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = c < K
+    flag = tl.load(flag_ptr + c, mask=ok, other=0)
+    slot = tl.load(incl_ptr + c, mask=ok, other=1) - 1
+    tl.store(union_ptr + slot, c, mask=ok & (flag != 0))
+
+
+@triton.jit
+def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union_ptr, incl_ptr,
+                        key_ptr, logit_ptr, B, K, D, NCAND,
+                        C: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Exact logits of the union's clusters for the rows that picked them.
+
+    h [B, D]; weight [V, D] reordered; offsets [K + 1] int64; token_ids [V] int64; pos [B, K]
+    int32; union [U] int32 with length incl[K - 1].  Program (j, bb) scores cluster union[j]'s
+    rows (C or fewer) once against BLOCK_B rows and, for each row b with p = pos[b, c] >= 0,
+    writes slots p * C .. p * C + C - 1 of
+      logit [B, NCAND = P * C] fp32: the exact logit, -inf for padding slots of short clusters;
+      key   [B, NCAND] int64: (logit as order-preserving int32) << 32 | (2**31 - 1 - vocab id),
+            so the largest key is the largest logit, ties to the smallest vocab id; padding
+            slots carry token_ids[0], like the reference.
+    Every (b, p) slot is written exactly once.  Programs with j >= incl[K - 1] exit at once.
+    Cost: |union| * C * D * elt bytes of weight (12.6 MB for 256 clusters, C=16, D=1536 bf16;
+    the whole 467 MB weight when the union covers every cluster) + 12 * B * P * C written.
+    """
+    j = tl.program_id(0)
+    if j >= tl.load(incl_ptr + K - 1):
+        return
+    c = tl.load(union_ptr + j).to(tl.int64)
+    start = tl.load(offsets_ptr + c)
+    length = tl.load(offsets_ptr + c + 1) - start
+    i = tl.arange(0, BLOCK_C)
+    valid = (i < length) & (i < C)
+    rows = tl.where(valid, start + i, 0)                                # [BLOCK_C] int64
+    b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_ok = b < B
+    acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        if EVEN_D:
+            w_mask = valid[:, None]
+            h_mask = b_ok[:, None]
+        else:
+            w_mask = valid[:, None] & (d < D)[None, :]
+            h_mask = b_ok[:, None] & (d < D)[None, :]
+        wv = tl.load(w_ptr + rows[:, None] * D + d[None, :], mask=w_mask, other=0.0)
+        hv = tl.load(h_ptr + b[:, None] * D + d[None, :], mask=h_mask, other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(hv.to(tl.float32), tl.trans(wv.to(tl.float32)), acc,
+                         input_precision="ieee")
+        else:
+            acc = tl.dot(hv, tl.trans(wv), acc)
+    score = tl.where(valid[None, :], acc, float("-inf"))
+    score = tl.where(score == 0.0, 0.0, score)         # -0.0 and +0.0 must make equal keys
+    bits = score.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)   # float order == int order
+    tid = tl.load(token_ids_ptr + rows)                                 # [BLOCK_C] int64
+    key = (ordered.to(tl.int64) << 32) | (2147483647 - tid)[None, :]
+    p = tl.load(pos_ptr + b.to(tl.int64) * K + c, mask=b_ok, other=-1)  # [BLOCK_B]
+    out = b[:, None].to(tl.int64) * NCAND + p[:, None] * C + i[None, :]
+    out_mask = (p >= 0)[:, None] & (i < C)[None, :]
+    tl.store(key_ptr + out, key, mask=out_mask)
+    tl.store(logit_ptr + out, score, mask=out_mask)
+
+
+class _Blocks(NamedTuple):
+    block_b: int    # rows of h per program (>= 16: tl.dot's smallest tile)
+    block_k: int    # centroids per stage-1 program
+    block_c: int    # weight rows per stage-2 program (>= C and >= 16)
+    block_d: int    # hidden-size chunk per loop step
+    dot_fp32: bool  # fp32 products (tl.dot in IEEE mode) instead of 16-bit tensor-core inputs
+
+
+def _blocks(B: int, D: int, C: int, h_dtype: torch.dtype, w_dtype: torch.dtype) -> _Blocks:
+    """Tile sizes.  Chosen by reasoning, not yet tuned on a card (see benchmarks/head_latency)."""
+    dot_fp32 = not (h_dtype == w_dtype and h_dtype in (torch.bfloat16, torch.float16))
+    block_b = min(64, max(16, triton.next_power_of_2(B)))
+    # Small batches: more, smaller centroid blocks so every SM streams (K=9496 -> 297 programs).
+    block_k = 32 if block_b <= 16 else 64
+    block_c = max(16, triton.next_power_of_2(C))
+    block_d = 64 if dot_fp32 else 128
+    block_d = min(block_d, max(16, triton.next_power_of_2(D)))
+    return _Blocks(block_b, block_k, block_c, block_d, dot_fp32)
+
+
+def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
+                offsets: torch.Tensor, token_ids: torch.Tensor, probes: int, cluster_size: int,
+                k: int, centroid_noise: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashHead top-k with Triton kernels: ids [B, k] int64 and logits [B, k] fp32, best first.
+
+    Same contract as custom_ops.reference.flashhead_reference (inputs already checked by
+    custom_ops.flashhead.check_inputs): h [B, D]; centroids [K, D]; weight [V, D] reordered;
+    offsets [K + 1] int64; token_ids [V] int64; centroid_noise [B, K] or None.  Equal logits
+    come smallest vocabulary id first.  Output shapes depend only on B, k: no host sync.
+    """
+    B, D = h.shape
+    K = centroids.shape[0]
+    P, C = probes, cluster_size
+    dev = h.device
+    if B == 0:
+        return (torch.empty((0, k), dtype=torch.int64, device=dev),
+                torch.empty((0, k), dtype=torch.float32, device=dev))
+    blk = _blocks(B, D, C, h.dtype, weight.dtype)
+    even_d = D % blk.block_d == 0
+    nb = triton.cdiv(B, blk.block_b)
+
+    scores = _empty((B, K), torch.float32, dev)                         # S: [B, K] fp32
+    noise = centroid_noise.contiguous() if centroid_noise is not None else scores
+    _launch(_centroid_scores_kernel, (triton.cdiv(K, blk.block_k), nb))(
+        h, centroids, noise, scores, B, K, D, HAS_NOISE=centroid_noise is not None,
+        DOT_FP32=blk.dot_fp32, EVEN_D=even_d, BLOCK_K=blk.block_k, BLOCK_B=blk.block_b,
+        BLOCK_D=blk.block_d)
+    sel = torch.topk(scores, P, dim=1, sorted=False).indices            # sel: [B, P] int64
+
+    pos = torch.full((B, K), -1, dtype=torch.int32, device=dev)         # pos: [B, K] int32
+    flag = torch.zeros((K,), dtype=torch.int32, device=dev)             # flag: [K] int32
+    _launch(_mark_selected_kernel, (triton.cdiv(B * P, 1024),))(
+        sel, pos, flag, B, K, P, BLOCK=1024)
+    incl = torch.cumsum(flag, 0, dtype=torch.int32)                     # incl: [K] int32
+    U = min(B * P, K)
+    union = _empty((U,), torch.int32, dev)                              # union: [U] int32
+    _launch(_compact_union_kernel, (triton.cdiv(K, 1024),))(flag, incl, union, K, BLOCK=1024)
+
+    keys = _empty((B, P * C), torch.int64, dev)                         # keys: [B, P * C]
+    cand = _empty((B, P * C), torch.float32, dev)                       # cand: [B, P * C]
+    _launch(_score_union_kernel, (U, nb))(
+        h, weight, offsets, token_ids, pos, union, incl, keys, cand, B, K, D, P * C, C=C,
+        DOT_FP32=blk.dot_fp32, EVEN_D=even_d, BLOCK_B=blk.block_b, BLOCK_C=blk.block_c,
+        BLOCK_D=blk.block_d)
+    best, where = torch.topk(keys, k, dim=1)                            # [B, k], best first
+    ids = _ID_BIAS - (best & 0xFFFFFFFF)
+    return ids, torch.gather(cand, 1, where)
