@@ -37,12 +37,13 @@ def centroids_for(weight_sorted: torch.Tensor, offsets: torch.Tensor, mode: str)
 
 
 def build_assets(weight: torch.Tensor, *, cluster_size: int = 16, centroid_mode: str = "mean",
-                 coarse_iters: int = 12, fine_iters: int = 12, groups: int | None = None,
-                 seed: int = 0, fingerprint: str | None = None) -> FlashHeadAssets:
+                 coarse_iters: int = 12, fine_iters: int = 12, refine_iters: int = 3,
+                 groups: int | None = None, seed: int = 0,
+                 fingerprint: str | None = None) -> FlashHeadAssets:
     """Cluster the rows of an LM-head weight [V, D] and return FlashHead assets.
 
     Balanced spherical k-means (see fh_compile.clustering: exact capacities enforced in every
-    assignment round, two levels).  Every cluster holds `cluster_size` rows except that, when V is
+    assignment round; two levels, then flat refinement).  Every cluster holds `cluster_size` rows except that, when V is
     not divisible, the last clusters hold one fewer.  Rows are reordered cluster by cluster (by
     vocabulary id inside a cluster).  Runs on weight's device; the result stays there.
     """
@@ -53,7 +54,8 @@ def build_assets(weight: torch.Tensor, *, cluster_size: int = 16, centroid_mode:
     if cluster_size > weight.shape[0]:
         raise ValueError(f"cluster_size {cluster_size} exceeds the vocabulary size {weight.shape[0]}")
     cfg = ClusterConfig(cluster_size=cluster_size, coarse_iters=coarse_iters,
-                        fine_iters=fine_iters, groups=groups, seed=seed)
+                        fine_iters=fine_iters, refine_iters=refine_iters, groups=groups,
+                        seed=seed)
     weight = weight.detach()
     t0 = time.perf_counter()
     cluster = cluster_rows(weight, cfg)                                 # [V] int64
@@ -63,8 +65,8 @@ def build_assets(weight: torch.Tensor, *, cluster_size: int = 16, centroid_mode:
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int64)
     weight_sorted = weight[order].contiguous()
     params = {"centroid_mode": centroid_mode, "coarse_iters": coarse_iters,
-              "fine_iters": fine_iters, "groups": groups, "seed": seed,
-              "algorithm": "two-level balanced spherical k-means",
+              "fine_iters": fine_iters, "refine_iters": refine_iters, "groups": groups,
+              "seed": seed, "algorithm": "two-level balanced spherical k-means + flat refinement",
               "build_seconds": round(time.perf_counter() - t0, 3),
               "build_device": str(weight.device)}
     return FlashHeadAssets(

@@ -9,7 +9,9 @@ rounds end when every point is placed, after at most (number of clusters + 1) ro
 Two levels: the rows are first split into G ~ sqrt(K) balanced groups whose capacities are sums of
 whole clusters, then each group is split into its clusters of C rows.  Each level is spherical
 k-means (unit-norm rows, cosine similarity, unit-norm centroids) with the balanced assignment above.
-Work per iteration is O(V * (G + K/G) * D) instead of O(V * K * D).
+Work per iteration is O(V * (G + K/G) * D) instead of O(V * K * D).  A few flat refinement
+iterations follow (each row choosing among its few nearest centroids of all K, same balanced
+rounds), so that natural clusters cut by a group boundary can re-form.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class ClusterConfig:
     coarse_iters: int = 12
     fine_iters: int = 12
     groups: int | None = None  # None: round(sqrt(K))
+    refine_iters: int = 3      # flat balanced iterations over all K clusters after two levels
+    refine_candidates: int = 8  # centroids each row considers in a refinement iteration
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -34,6 +38,8 @@ class ClusterConfig:
             raise ValueError(f"cluster_size must be >= 1, got {self.cluster_size}")
         if self.coarse_iters < 1 or self.fine_iters < 1:
             raise ValueError("coarse_iters and fine_iters must be >= 1")
+        if self.refine_iters < 0 or self.refine_candidates < 1:
+            raise ValueError("refine_iters must be >= 0 and refine_candidates >= 1")
         if self.groups is not None and self.groups < 1:
             raise ValueError(f"groups must be >= 1, got {self.groups}")
 
@@ -47,6 +53,20 @@ def cluster_sizes(vocab_size: int, cluster_size: int) -> torch.Tensor:
     return sizes
 
 
+def _accept(key: torch.Tensor, val: torch.Tensor, remaining: torch.Tensor) -> torch.Tensor:
+    """One proposal round: proposal i asks for cluster key[i] with similarity val[i].  Each
+    cluster accepts its best proposals up to remaining[cluster]; returns the accepted mask and
+    takes the accepted places off `remaining` (flat view, updated in place)."""
+    order = torch.sort(val, descending=True, stable=True).indices
+    order = order[torch.sort(key[order], stable=True).indices]         # by cluster, best first
+    key_s = key[order]
+    rank = torch.arange(key_s.numel(), device=key.device) - torch.searchsorted(key_s, key_s)
+    accepted = torch.zeros_like(key, dtype=torch.bool)
+    accepted[order[rank < remaining[key_s]]] = True
+    remaining.index_add_(0, key[accepted], torch.full_like(key[accepted], -1))
+    return accepted
+
+
 def balanced_assign(sim: torch.Tensor, caps: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Assign points to clusters under exact capacities.
 
@@ -57,27 +77,53 @@ def balanced_assign(sim: torch.Tensor, caps: torch.Tensor, valid: torch.Tensor) 
     """
     G, N, M = sim.shape
     assign = torch.full((G, N), -1, dtype=torch.int64, device=sim.device)
-    remaining = caps.clone()
+    remaining = caps.clone().view(-1)
     open_pts = valid.clone()
     for _ in range(M + 1):
         if not bool(open_pts.any()):
             return assign
-        masked = sim.masked_fill((remaining == 0).unsqueeze(1), float("-inf"))
+        masked = sim.masked_fill((remaining.view(G, M) == 0).unsqueeze(1), float("-inf"))
         val, best = masked.max(dim=2)                                   # [G, N]
         g_idx, n_idx = open_pts.nonzero(as_tuple=True)
-        v, key = val[g_idx, n_idx], g_idx * M + best[g_idx, n_idx]
-        # Sort proposals by cluster, best first inside each cluster (two stable sorts).
-        order = torch.sort(v, descending=True, stable=True).indices
-        order = order[torch.sort(key[order], stable=True).indices]
-        key_s = key[order]
-        first = torch.searchsorted(key_s, key_s, right=False)
-        rank = torch.arange(key_s.numel(), device=sim.device) - first
-        accept = rank < remaining.view(-1)[key_s]
-        acc = order[accept]
+        acc = _accept(g_idx * M + best[g_idx, n_idx], val[g_idx, n_idx], remaining)
         assign[g_idx[acc], n_idx[acc]] = best[g_idx[acc], n_idx[acc]]
         open_pts[g_idx[acc], n_idx[acc]] = False
-        remaining.view(-1).index_add_(0, key[acc], torch.full_like(key[acc], -1))
     raise AssertionError("balanced_assign did not converge; capacities do not match points")
+
+
+def balanced_assign_sparse(x: torch.Tensor, cent: torch.Tensor, sizes: torch.Tensor,
+                           candidates: int, chunk: int = 8192) -> torch.Tensor:
+    """Flat balanced assignment of all V rows to all K clusters, each row considering only its
+    `candidates` most similar centroids (rows left over when all of those are full are placed
+    by a dense balanced_assign against the clusters that still have room).
+
+    x [V, D] unit rows, cent [K, D] unit centroids, sizes [K] -> assign [V] int64
+    """
+    V, K = x.shape[0], cent.shape[0]
+    m = min(candidates, K)
+    top = [torch.topk(x[i:i + chunk] @ cent.t(), m, dim=1) for i in range(0, V, chunk)]
+    cand_sim = torch.cat([t.values for t in top])                       # [V, m]
+    cand_idx = torch.cat([t.indices for t in top])
+    assign = torch.full((V,), -1, dtype=torch.int64, device=x.device)
+    remaining = sizes.clone()
+    while True:
+        open_rows = (assign < 0).nonzero().squeeze(1)
+        feasible = remaining[cand_idx[open_rows]] > 0                   # [n, m]
+        val, j = cand_sim[open_rows].masked_fill(~feasible, float("-inf")).max(dim=1)
+        proposing = feasible.any(dim=1)
+        if not bool(proposing.any()):
+            break
+        rows, best = open_rows[proposing], cand_idx[open_rows[proposing], j[proposing]]
+        acc = _accept(best, val[proposing], remaining)
+        assign[rows[acc]] = best[acc]
+    left = (assign < 0).nonzero().squeeze(1)
+    if left.numel():
+        room = (remaining > 0).nonzero().squeeze(1)
+        sim = (x[left] @ cent[room].t()).unsqueeze(0)
+        local = balanced_assign(sim, remaining[room].unsqueeze(0),
+                                torch.ones(1, left.numel(), dtype=torch.bool, device=x.device))
+        assign[left] = room[local[0]]
+    return assign
 
 
 def spherical_kmeans(x: torch.Tensor, caps: torch.Tensor, valid: torch.Tensor, iters: int,
@@ -89,11 +135,7 @@ def spherical_kmeans(x: torch.Tensor, caps: torch.Tensor, valid: torch.Tensor, i
     """
     G, N, D = x.shape
     M = caps.shape[1]
-    # Init: M distinct valid points of each group, chosen at random.
-    noise = torch.rand(G, N, generator=generator, device="cpu").to(x.device)
-    noise = noise.masked_fill(~valid, -1.0)
-    init = noise.topk(M, dim=1).indices                                 # [G, M]
-    cent = torch.gather(x, 1, init.unsqueeze(-1).expand(G, M, D))
+    cent = _kmeanspp_init(x, valid, M, generator)
     assign = None
     for _ in tqdm(range(iters), desc=desc, leave=False):
         sim = torch.bmm(x, cent.transpose(1, 2))                        # [G, N, M]
@@ -103,6 +145,35 @@ def spherical_kmeans(x: torch.Tensor, caps: torch.Tensor, valid: torch.Tensor, i
             break
         assign = new_assign
     return new_assign, cent
+
+
+def _kmeanspp_init(x: torch.Tensor, valid: torch.Tensor, M: int,
+                   generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding on the sphere (D^2 sampling with cosine distance), per group.
+
+    Random seeding often puts two seeds in one natural cluster; balance then forces that cluster
+    to split and two others to merge, a local optimum the iterations rarely leave.
+    """
+    G, N, D = x.shape
+    g = torch.arange(G, device=x.device)
+
+    def draw(weights: torch.Tensor) -> torch.Tensor:
+        # Exponential race: argmax(w / E), E ~ Exp(1), samples proportionally to w.
+        e = -torch.log(torch.rand(G, N, generator=generator).clamp_(min=1e-20)).to(x.device)
+        return (weights / e).argmax(dim=1)
+
+    pick = draw(valid.float())
+    cent = torch.empty(G, M, D, dtype=x.dtype, device=x.device)
+    nearest = torch.full((G, N), float("inf"), device=x.device)
+    for m in range(M):
+        cent[:, m] = x[g, pick]
+        dist = (1.0 - torch.bmm(x, cent[:, m].unsqueeze(-1)).squeeze(-1)).clamp_(min=0)
+        nearest = torch.minimum(nearest, dist)
+        weights = (nearest * nearest).masked_fill(~valid, 0.0)
+        # A group with no spread left (all points chosen) falls back to uniform valid points.
+        weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, valid.float())
+        pick = draw(weights)
+    return cent
 
 
 def _centroids(x: torch.Tensor, assign: torch.Tensor, M: int) -> torch.Tensor:
@@ -149,4 +220,12 @@ def cluster_rows(weight: torch.Tensor, cfg: ClusterConfig) -> torch.Tensor:
     local, _ = spherical_kmeans(x[rows], caps, valid, cfg.fine_iters, gen, "fine clusters")
     cluster = torch.empty(V, dtype=torch.int64, device=weight.device)
     cluster[rows[valid]] = (bounds[:-1].unsqueeze(1) + local)[valid]
+
+    # Level 3: flat refinement, so that natural clusters split by a group boundary can re-form.
+    for _ in tqdm(range(cfg.refine_iters), desc="flat refinement", leave=False):
+        cent = _centroids(x.unsqueeze(0), cluster.unsqueeze(0), K)[0]
+        new_cluster = balanced_assign_sparse(x, cent, sizes, cfg.refine_candidates)
+        if torch.equal(new_cluster, cluster):
+            break
+        cluster = new_cluster
     return cluster
