@@ -9,11 +9,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from custom_ops import FlashHeadTopK, flashhead_topk
+from custom_ops import FlashHeadTopK, flashhead_reference, flashhead_topk
 from fh_compile.assets import FlashHeadAssets
 from fh_compile.sampling import SamplingConfig, gumbel_probe_noise, sample_candidates
 
 log = logging.getLogger(__name__)
+
+KERNELS = ("triton", "reference")
 
 
 @dataclass(frozen=True)
@@ -21,12 +23,16 @@ class FlashHeadConfig:
     """probes: clusters scored exactly per row.  k: candidates kept per row (the support of
     sampling and of the logits the module returns).  dense_above_rows: rows per call above which
     the dense head is cheaper and is used instead (None: when rows * probes * C exceeds V, i.e.
-    when even with no cluster shared the candidates could cover the vocabulary)."""
+    when even with no cluster shared the candidates could cover the vocabulary).  kernel:
+    "triton" runs torch.ops.flashhead.topk (Triton on CUDA, the reference on CPU); "reference"
+    calls the pure-PyTorch custom_ops.reference.flashhead_reference on any device (a baseline
+    for benchmarks: Inductor compiles it like any other PyTorch code)."""
 
     probes: int = 256
     k: int = 64
     dense_above_rows: int | None = None
     enabled: bool = True
+    kernel: str = "triton"
 
     def __post_init__(self) -> None:
         if self.probes < 1:
@@ -35,6 +41,8 @@ class FlashHeadConfig:
             raise ValueError(f"k must be >= 1, got {self.k}")
         if self.dense_above_rows is not None and self.dense_above_rows < 0:
             raise ValueError(f"dense_above_rows must be >= 0, got {self.dense_above_rows}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
 
 
 class FlashHeadLMHead(nn.Module):
@@ -96,6 +104,11 @@ class FlashHeadLMHead(nn.Module):
         if path == "dense":
             vals, ids = self.dense_logits(h).topk(k, dim=-1)
             return FlashHeadTopK(ids, vals)
+        if self.config.kernel == "reference":
+            ids, logits = flashhead_reference(h, self.fh_centroids, self.fh_rows, self.fh_offsets,
+                                              self.fh_token_ids, self.config.probes,
+                                              self.cluster_size, k, centroid_noise)
+            return FlashHeadTopK(ids, logits)
         return flashhead_topk(h, self.fh_centroids, self.fh_rows, self.fh_offsets,
                               self.fh_token_ids, probes=self.config.probes,
                               cluster_size=self.cluster_size, k=k, centroid_noise=centroid_noise)
@@ -123,11 +136,11 @@ class FlashHeadLMHead(nn.Module):
     def extra_repr(self) -> str:
         return (f"V={self.out_features}, D={self.in_features}, K={self.fh_centroids.shape[0]}, "
                 f"C={self.cluster_size}, probes={self.config.probes}, k={self.config.k}, "
-                f"enabled={self.config.enabled}")
+                f"enabled={self.config.enabled}, kernel={self.config.kernel}")
 
 
 def swap_head(model: nn.Module, assets: FlashHeadAssets, *, probes: int = 256, k: int = 64,
-              dense_above_rows: int | None = None, enabled: bool = True,
+              dense_above_rows: int | None = None, enabled: bool = True, kernel: str = "triton",
               check_fingerprint: bool = True) -> FlashHeadLMHead:
     """Install a FlashHeadLMHead as THIS model's output embedding; returns it.
 
@@ -143,7 +156,7 @@ def swap_head(model: nn.Module, assets: FlashHeadAssets, *, probes: int = 256, k
         assets.check_matches(dense.weight)
     head = FlashHeadLMHead(assets.to(dense.weight.device, dense.weight.dtype),
                            FlashHeadConfig(probes=probes, k=k, dense_above_rows=dense_above_rows,
-                                           enabled=enabled))
+                                           enabled=enabled, kernel=kernel))
     head._dense_head = [dense]  # a list: keeps the original out of the module tree / state_dict
     model.set_output_embeddings(head)
     return head
