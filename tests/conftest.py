@@ -56,34 +56,3 @@ def tiny_gguf(tmp_path_factory):
 
     return tiny_models.save_gguf(tmp_path_factory.mktemp("tiny_gguf") / "tiny-qwen2.gguf")
 
-
-# -- tiny random Qwen2 checkpoints (tests/tiny_models.py), shared by loading and benchmark tests --
-def _load_tiny_models():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    if "fh_tiny_models" not in sys.modules:  # --import-mode=importlib: load the helper by path
-        spec = importlib.util.spec_from_file_location(
-            "fh_tiny_models", Path(__file__).with_name("tiny_models.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["fh_tiny_models"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["fh_tiny_models"]
-
-
-@pytest.fixture(scope="session")
-def tiny_models():
-    """The tests/tiny_models.py module (tiny Qwen2 configs, tokenizer, HF folder and GGUF writers)."""
-    return _load_tiny_models()
-
-
-@pytest.fixture(scope="session")
-def tiny_hf_untied(tmp_path_factory, tiny_models):
-    return tiny_models.save_hf_folder(tmp_path_factory.mktemp("tiny_untied"), tied=False)
-
-
-@pytest.fixture(scope="session")
-def tiny_gguf(tmp_path_factory, tiny_models):
-    """(path of an untied tiny Qwen2 .gguf, its dequantized output.weight [V, D] fp32)."""
-    return tiny_models.save_gguf(tmp_path_factory.mktemp("tiny_gguf") / "tiny-qwen2.gguf")

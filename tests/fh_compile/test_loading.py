@@ -3,12 +3,13 @@ import shutil
 import pytest
 import torch
 
+import tiny_models
 from fh_compile.loading import (ModelLoadError, load_lm_head_weight, load_model, lm_head_of,
                                 resolve_spec)
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_hf_folder_loads_and_head_matches(tmp_path, tiny_models, tied):
+def test_hf_folder_loads_and_head_matches(tmp_path, tied):
     folder = tiny_models.save_hf_folder(tmp_path / "m", tied=tied)
     model, tok = load_model(folder, dtype=torch.float32)
     head = lm_head_of(model)
