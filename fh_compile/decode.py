@@ -166,7 +166,7 @@ class DecodeStep(nn.Module):
         self._check_rows(input_ids)
         slot = self.filled().view(1) if cache_position is None else cache_position  # [1]
         self.attn_mask.index_fill_(1, slot, 1)
-        h = self._body(input_ids, self.positions.unsqueeze(1))[:, -1]    # [B, D]
+        h = self._body(input_ids, self.positions.unsqueeze(1))[:, -1].contiguous()  # [B, D]
         self.positions.add_(1)
         return h
 
@@ -197,7 +197,7 @@ class DecodeStep(nn.Module):
         self.reset()
         self.attn_mask[:, :T] = mask
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)                # [B, T]
-        h = self._body(input_ids.to(self.attn_mask.device), position_ids)[:, -1]
+        h = self._body(input_ids.to(self.attn_mask.device), position_ids)[:, -1].contiguous()
         self.positions.copy_(mask.sum(-1))
         # Pad slots hold whatever attention made of fully masked rows; zero them so no kernel can
         # turn a masked NaN into a real one later (0 * NaN is NaN).

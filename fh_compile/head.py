@@ -99,6 +99,7 @@ class FlashHeadLMHead(nn.Module):
              centroid_noise: torch.Tensor | None = None) -> FlashHeadTopK:
         """h [N, D] -> FlashHeadTopK(ids [N, k], logits [N, k]); dense top-k where path_for says."""
         k = k or self.config.k
+        h = h.contiguous()  # rows sliced from [B, T, D] (HF's logits_to_keep) are strided
         path = self.path_for(h.shape[0])
         self._note_path(h.shape[0], path)
         if path == "dense":

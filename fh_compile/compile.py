@@ -1,0 +1,199 @@
+"""compile_model: FlashHead on one model instance + a torch.compile'd static-cache decode step.
+
+    model = compile_model(model)                      # builds/caches assets, swaps, compiles
+    out = fh_compile.generate(model, ids, attention_mask=mask, max_new_tokens=64)
+    model.fh_compiled.info                            # CompileInfo: which head runs, mode, ...
+
+The model keeps working with Hugging Face `model.generate` (its head is the FlashHeadLMHead).
+Nothing is patched globally: the head of THIS instance is swapped, and the compiled decode step
+lives in `model.fh_compiled` (a CompiledDecoder).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from fh_compile.assets import HEADER_FILE, AssetError, FlashHeadAssets, weight_fingerprint
+from fh_compile.build_assets import build_assets
+from fh_compile.decode import DecodeStep
+from fh_compile.head import KERNELS, FlashHeadLMHead, _output_embeddings, restore_dense_head, swap_head
+from fh_compile.sampling import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DEFAULT_ASSET_CACHE = Path("~/.cache/fh-compile/assets")
+
+StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """mode None runs the same decode step eagerly (the A/B baseline for torch.compile)."""
+
+    probes: int = 256
+    k: int = 64
+    mode: str | None = "max-autotune"
+    flashhead: bool = True
+    kernel: str = "triton"
+    max_batch_size: int = 1
+    max_cache_len: int = 2048
+    dense_above_rows: int | None = None
+    cluster_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.probes < 1 or self.k < 1:
+            raise ValueError(f"probes and k must be >= 1, got probes={self.probes}, k={self.k}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.max_batch_size < 1 or self.max_cache_len < 2:
+            raise ValueError(f"need max_batch_size >= 1 and max_cache_len >= 2, got "
+                             f"{self.max_batch_size}, {self.max_cache_len}")
+        if self.cluster_size < 1:
+            raise ValueError(f"cluster_size must be >= 1, got {self.cluster_size}")
+
+
+@dataclass(frozen=True)
+class CompileInfo:
+    """What compile_model set up.  head: the module installed ('flashhead' or 'dense');
+    path: what a decode step of max_batch_size rows computes ('flashhead', or 'dense' when the
+    head is dense or FlashHead falls back to dense for that many rows)."""
+
+    head: str
+    path: str
+    mode: str | None
+    options: CompileOptions
+    fingerprint: str | None = None
+    assets_dir: str | None = None
+    assets_built: bool = False
+
+
+class CompiledDecoder:
+    """The decode step of one model plus its fused (body + head + sampling + eos) step functions,
+    compiled once per (sampling, eos, pad) and reused."""
+
+    def __init__(self, step: DecodeStep, info: CompileInfo) -> None:
+        self.step, self.info = step, info
+        self.compile_seconds: dict[tuple, float] = {}
+        self._fns: dict[tuple, StepFn] = {}
+        self._first_call: set[tuple] = set()
+
+    def step_fn(self, sampling: SamplingConfig, eos: tuple[int, ...], pad: int) -> StepFn:
+        """fn(tokens [B] int64, finished [B] bool) -> (next tokens [B], finished [B]).  Rows
+        already finished emit `pad`; a row finishes when it emits a token of `eos`."""
+        key = (sampling, eos, pad)
+        if key not in self._fns:
+            step, device = self.step, self.step.attn_mask.device
+            eos_ids = torch.tensor(eos or (-1,), dtype=torch.int64, device=device)   # [E]
+            torch._dynamo.mark_static_address(eos_ids)
+
+            def fused(tokens: torch.Tensor, finished: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                nxt = step.next_tokens(tokens.unsqueeze(1), sampling)
+                nxt = torch.where(finished, pad, nxt)
+                return nxt, finished | (nxt.unsqueeze(1) == eos_ids).any(dim=1)
+
+            mode = self.info.mode
+            self._fns[key] = fused if mode is None else torch.compile(
+                fused, mode=mode, fullgraph=True)
+        return self._fns[key]
+
+    def call_timed(self, key: tuple, fn: StepFn, tokens: torch.Tensor,
+                   finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Call fn; the first call of each compiled fn records its (compile) time."""
+        if key in self._first_call:
+            return fn(tokens, finished)
+        t0 = time.perf_counter()
+        out = fn(tokens, finished)
+        if out[0].is_cuda:
+            torch.cuda.synchronize()
+        self.compile_seconds[key] = time.perf_counter() - t0
+        self._first_call.add(key)
+        return out
+
+    def __repr__(self) -> str:
+        return f"CompiledDecoder({self.info}, compiled={len(self._fns)})"
+
+
+def compile_model(model: nn.Module, assets: FlashHeadAssets | None = None, *, probes: int = 256,
+                  k: int = 64, mode: str | None = "max-autotune", flashhead: bool = True,
+                  kernel: str = "triton", max_batch_size: int = 1, max_cache_len: int = 2048,
+                  dense_above_rows: int | None = None, cluster_size: int = 16,
+                  cache_dir: str | os.PathLike | None = None,
+                  build_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """Install FlashHead on THIS model and compile its static-cache decode step; returns model.
+
+    assets: FlashHead assets for this model's head; None builds them once and caches them under
+    `cache_dir` (default ~/.cache/fh-compile/assets)/<fingerprint>-c<cluster_size>, reused
+    next time.  build_kwargs go to build_assets (e.g. coarse_iters=4, fine_iters=4).
+    flashhead=False keeps (or restores) the dense head in the same pipeline, for A/B runs.
+    mode: a torch.compile mode ("max-autotune" gives CUDA graphs on GPU), or None for eager.
+
+    Raises AssetError for assets of another model, ValueError for probes out of range, a model
+    without an LM head, or bad options.  The model is put in eval mode.
+    """
+    opts = CompileOptions(probes=probes, k=k, mode=mode, flashhead=flashhead, kernel=kernel,
+                          max_batch_size=max_batch_size, max_cache_len=max_cache_len,
+                          dense_above_rows=dense_above_rows, cluster_size=cluster_size)
+    if isinstance(_output_embeddings(model), FlashHeadLMHead):
+        restore_dense_head(model)  # re-install with these options
+    dense = _output_embeddings(model)
+    weight = getattr(dense, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"{type(model).__name__}'s LM head {type(dense).__name__} has no [V, D] "
+                         f"weight; FlashHead needs a linear LM head")
+    model.eval()
+    fingerprint = assets_dir = None
+    built = False
+    if flashhead:
+        clusters = assets.num_clusters if assets is not None else math.ceil(
+            weight.shape[0] / cluster_size)
+        if probes > clusters:
+            raise ValueError(f"probes={probes} exceeds the number of clusters K={clusters} "
+                             f"(V={weight.shape[0]}, cluster_size={cluster_size}); lower probes")
+        if assets is None:
+            assets, assets_dir, built = cached_assets(weight, cluster_size, cache_dir, build_kwargs)
+        swap_head(model, assets, probes=probes, k=k, dense_above_rows=dense_above_rows,
+                  kernel=kernel)
+        fingerprint = assets.fingerprint
+    step = DecodeStep(model, max_batch_size=max_batch_size, max_cache_len=max_cache_len, k=k)
+    info = CompileInfo(head="flashhead" if flashhead else "dense", path=step.path, mode=mode,
+                       options=opts, fingerprint=fingerprint,
+                       assets_dir=str(assets_dir) if assets_dir else None, assets_built=built)
+    model.fh_compiled = CompiledDecoder(step, info)
+    log.info("compile_model: %s", info)
+    return model
+
+
+def cached_assets(weight: torch.Tensor, cluster_size: int = 16,
+                  cache_dir: str | os.PathLike | None = None,
+                  build_kwargs: dict[str, Any] | None = None
+                  ) -> tuple[FlashHeadAssets, Path, bool]:
+    """Assets for `weight` [V, D] from the on-disk cache, built (on weight's device) and saved
+    when missing or unreadable.  Returns (assets, their folder, whether they were built now)."""
+    fingerprint = weight_fingerprint(weight)
+    root = Path(cache_dir) if cache_dir is not None else DEFAULT_ASSET_CACHE
+    folder = root.expanduser() / f"{fingerprint}-c{cluster_size}"
+    if (folder / HEADER_FILE).is_file():
+        try:
+            assets = FlashHeadAssets.load(folder)
+            if assets.fingerprint == fingerprint and assets.cluster_size == cluster_size:
+                return assets, folder, False
+            log.warning("assets in %s do not match this head; rebuilding", folder)
+        except AssetError as e:
+            log.warning("cached assets in %s are unusable (%s); rebuilding", folder, e)
+    assets = build_assets(weight, cluster_size=cluster_size, fingerprint=fingerprint,
+                          **(build_kwargs or {}))
+    assets.to("cpu").save(folder)
+    return assets, folder, True
