@@ -1,0 +1,259 @@
+"""How closely does FlashHead follow the dense LM head on real text?  (top-1 agreement, top-5/10
+recall, and total variation of the sampling distribution, per data set and probe count.)
+
+    python -m benchmarks.fidelity --model PATH [--assets DIR] [--tokens N]
+        [--probes 32 64 128 256 512] [--out results/fidelity.json]
+
+Hidden states are the LM head's inputs under teacher forcing (benchmarks.fidelity_data) and are
+cached as safetensors under --cache-dir, so a re-run only redoes the metrics.  Without --assets the
+benchmark builds one clustering per --clusterings entry (k-means iterations per level : flat
+refinement iterations), caches the assets under --cache-dir, and scores each with every
+--centroid-modes scoring vector (same clustering, centroids recomputed with centroids_for).
+Metric definitions: benchmarks.fidelity_metrics.  The dense reference is h @ W^T in fp32 with W the
+head weight from load_lm_head_weight (fp32 dequantized for a GGUF).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from benchmarks import fidelity_data as fd
+from benchmarks.fidelity_metrics import (HeadClusters, PositionStats, position_stats,
+                                         probes_for_agreement, summarize)
+from fh_compile.assets import AssetError, FlashHeadAssets, weight_fingerprint
+from fh_compile.build_assets import CENTROID_MODES, build_assets, centroids_for
+
+TEMPERATURES = (0.6, 1.0)
+
+
+@dataclass
+class FidelityConfig:
+    model: str
+    assets: str | None = None
+    tokens: int = 2000                         # positions per data set
+    probes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    datasets: tuple[str, ...] = fd.DATASETS
+    clusterings: tuple[str, ...] = ("12:3", "4:3")  # "iters:refine_iters"
+    centroid_modes: tuple[str, ...] = CENTROID_MODES
+    cluster_size: int = 16
+    dtype: str = "bfloat16"                    # model dtype for the hidden states
+    max_len: int = 1024
+    seed: int = 0
+    data_dir: str = "/work/shared/data"
+    cache_dir: str = "results/fidelity_cache"
+    out: str = "results/fidelity.json"
+    threads: int = 2
+    builds: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1:
+            raise ValueError(f"--tokens must be >= 1, got {self.tokens}")
+        if not self.probes or min(self.probes) < 1:
+            raise ValueError(f"--probes must be positive integers, got {self.probes}")
+        for d in self.datasets:
+            if d not in fd.DATASETS:
+                raise ValueError(f"unknown data set {d!r}; choose from {fd.DATASETS}")
+        for m in self.centroid_modes:
+            if m not in CENTROID_MODES:
+                raise ValueError(f"unknown centroid mode {m!r}; choose from {CENTROID_MODES}")
+        for c in self.clusterings:
+            parts = c.split(":")
+            if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[0]) < 1:
+                raise ValueError(f"--clusterings entries are ITERS:REFINE (e.g. 12:3), got {c!r}")
+        if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
+            raise ValueError(f"--dtype must name a torch dtype (bfloat16, float32), got {self.dtype}")
+
+
+def hidden_sets(cfg: FidelityConfig, head_fp: str) -> dict[str, fd.HiddenSet]:
+    """Cached or freshly collected hidden states per data set (the model loads only on a miss)."""
+    model = tok = None
+    out = {}
+    for name in cfg.datasets:
+        meta = {"model": cfg.model, "head": head_fp, "dataset": name, "positions": cfg.tokens,
+                "max_len": cfg.max_len, "seed": cfg.seed, "dtype": cfg.dtype, "version": 1}
+        path = Path(cfg.cache_dir) / f"hidden-{name}-{fd.cache_key(meta)}.safetensors"
+        hs = fd.load_hidden(path, meta)
+        if hs is None:
+            if model is None:
+                from fh_compile.loading import load_model
+                t0 = time.perf_counter()
+                model, tok = load_model(cfg.model, dtype=getattr(torch, cfg.dtype))
+                print(f"loaded {cfg.model} in {time.perf_counter() - t0:.0f} s")
+            t0 = time.perf_counter()
+            hs = fd.collect_hidden(model, tok, name, Path(cfg.data_dir), cfg.tokens,
+                                   cfg.max_len, cfg.seed)
+            fd.save_hidden(path, hs, meta)
+            print(f"{name}: {hs.h.shape[0]} positions from {int(hs.item.max()) + 1} items in "
+                  f"{time.perf_counter() - t0:.0f} s -> {path}")
+        out[name] = hs
+    return out
+
+
+def clusterings(cfg: FidelityConfig, weight: torch.Tensor, fp: str
+                ) -> list[tuple[str, FlashHeadAssets]]:
+    """(label, assets) per clustering: the given --assets, or built (and cached) per entry."""
+    if cfg.assets:
+        assets = FlashHeadAssets.load(cfg.assets)
+        assets.check_matches(weight.to(assets.weight.dtype))
+        return [(f"assets:{Path(cfg.assets).name}", assets)]
+    found = []
+    for spec in cfg.clusterings:
+        iters, refine = (int(p) for p in spec.split(":"))
+        folder = Path(cfg.cache_dir) / f"assets-{fp[:12]}-C{cfg.cluster_size}-i{iters}-r{refine}-s{cfg.seed}"
+        try:
+            assets = FlashHeadAssets.load(folder)
+            assets.check_matches(weight, fp)
+            print(f"clustering i{iters} r{refine}: cached in {folder}")
+        except AssetError:
+            t0 = time.perf_counter()
+            assets = build_assets(weight, cluster_size=cfg.cluster_size, centroid_mode="mean",
+                                  coarse_iters=iters, fine_iters=iters, refine_iters=refine,
+                                  seed=cfg.seed, fingerprint=fp)
+            seconds = time.perf_counter() - t0
+            assets.params["build_total_seconds"] = round(seconds, 1)
+            assets.save(folder)
+            print(f"clustering i{iters} r{refine}: built in {seconds:.0f} s -> {folder}")
+        cfg.builds.append({"clustering": f"i{iters}:r{refine}", "params": assets.params})
+        found.append((f"i{iters}:r{refine}", assets))
+    return found
+
+
+def run(cfg: FidelityConfig) -> dict:
+    from fh_compile.loading import load_lm_head_weight
+
+    torch.set_num_threads(cfg.threads)
+    weight = load_lm_head_weight(cfg.model, dtype=torch.float32)       # [V, D] fp32
+    V = weight.shape[0]
+    fp = weight_fingerprint(weight)
+    sets = hidden_sets(cfg, fp)
+    variants: list[tuple[str, str, HeadClusters]] = []
+    for label, assets in clusterings(cfg, weight, fp):
+        for mode in cfg.centroid_modes:
+            cent = centroids_for(assets.weight.float(), assets.offsets, mode)
+            variants.append((label, mode, HeadClusters.from_assets(assets, cent)))
+    rows, curves = [], []
+    for name, hs in sets.items():
+        t0 = time.perf_counter()
+        all_stats = position_stats(hs.h, weight, [v[2] for v in variants], cfg.probes, TEMPERATURES)
+        print(f"{name}: metrics for {len(variants)} variants in {time.perf_counter() - t0:.0f} s")
+        for (label, mode, _), stats in zip(variants, all_stats):
+            for subset, mask in (("all", None), ("answer", hs.is_answer)):
+                if mask is not None and not bool(mask.any()):
+                    continue
+                st = stats if mask is None else stats.subset(mask)
+                common = {"dataset": name, "positions_subset": subset, "clustering": label,
+                          "centroid_mode": mode,
+                          "probes_for_agreement_0.99": probes_for_agreement(st, 0.99),
+                          "dense_next_token_accuracy":
+                              float((st.dense_top1 == hs.next_ids[mask if mask is not None else slice(None)]).float().mean())}
+                rows += [{**common, **r} for r in summarize(st, V, cfg.cluster_size)]
+                if subset == "all":
+                    curves.append((name, label, mode, st))
+    return {"model": cfg.model, "head_fingerprint": fp, "vocab_size": V,
+            "hidden_size": weight.shape[1], "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": " ".join(["python -m benchmarks.fidelity", *sys.argv[1:]]),
+            "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "threads": cfg.threads, "model_dtype": cfg.dtype, "temperatures": list(TEMPERATURES),
+            "builds": cfg.builds, "rows": rows, "_curves": curves}
+
+
+def print_tables(result: dict) -> None:
+    rows = result["rows"]
+    first = (rows[0]["clustering"], rows[0]["centroid_mode"])
+    print(f"\nFidelity vs the dense head: clustering {first[0]}, {first[1]} centroids "
+          f"(all positions; answer = positions predicting assistant text)")
+    print(f"{'dataset':<16}{'P':>5}{'%V':>7}{'top1':>8}{'top5':>8}{'top10':>8}{'TV0.6':>9}"
+          f"{'TV1.0':>9}{'TV1 p99':>9}")
+    for r in rows:
+        if (r["clustering"], r["centroid_mode"]) != first:
+            continue
+        ds = r["dataset"] + ("" if r["positions_subset"] == "all" else "/answer")
+        print(f"{ds:<16}{r['probes']:>5}{100 * r['vocab_fraction']:>6.2f}%{r['top1_agreement']:>8.4f}"
+              f"{r['top5_recall']:>8.4f}{r['top10_recall']:>8.4f}{r['tv_t0.6']:>9.5f}"
+              f"{r['tv_t1']:>9.5f}{r['tv_t1_p99']:>9.5f}")
+    print("\ntop-1 agreement per variant (all positions); P99 = probes needed for 0.99")
+    probes = sorted({r["probes"] for r in rows})
+    print(f"{'dataset':<10}{'clustering':<12}{'centroids':<11}" + "".join(f"{'P=' + str(p):>8}" for p in probes)
+          + f"{'P99':>6}")
+    seen = {}
+    for r in rows:
+        if r["positions_subset"] == "all":
+            seen.setdefault((r["dataset"], r["clustering"], r["centroid_mode"]), {})[r["probes"]] = r
+    for (ds, cl, mode), by_p in seen.items():
+        p99 = next(iter(by_p.values()))["probes_for_agreement_0.99"]
+        print(f"{ds:<10}{cl:<12}{mode:<11}" + "".join(f"{by_p[p]['top1_agreement']:>8.4f}" for p in probes)
+              + f"{p99:>6}")
+
+
+def plot(result: dict, png: Path, max_probes: int) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = torch.arange(1, max_probes + 1)
+    for name, label, mode, st in result["_curves"]:
+        r0 = st.topk_rank[:, 0]
+        ys = (r0.unsqueeze(0) < xs.unsqueeze(1)).float().mean(1)
+        ax.plot(xs, ys, label=f"{name} {label} {mode}", linestyle="-" if mode == "mean" else "--")
+    ax.axhline(0.99, color="grey", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("probed clusters P")
+    ax.set_ylabel("top-1 agreement with dense head")
+    ax.set_ylim(0.8, 1.001)
+    ax.set_title(Path(result["model"]).name, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    print(f"wrote {png}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.fidelity", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="HF folder, hub id, or .gguf file")
+    p.add_argument("--assets", help="evaluate these FlashHead assets instead of building")
+    p.add_argument("--tokens", type=int, default=2000, help="positions per data set")
+    p.add_argument("--probes", type=int, nargs="+", default=[32, 64, 128, 256, 512])
+    p.add_argument("--datasets", nargs="+", default=list(fd.DATASETS))
+    p.add_argument("--clusterings", nargs="+", default=["12:3", "4:3"],
+                   help="ITERS:REFINE per clustering to build (k-means iters per level : flat refinement iters)")
+    p.add_argument("--centroid-modes", nargs="+", default=list(CENTROID_MODES))
+    p.add_argument("--dtype", default="bfloat16", help="model dtype for the hidden states")
+    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default="/work/shared/data")
+    p.add_argument("--cache-dir", default="results/fidelity_cache")
+    p.add_argument("--out", default="results/fidelity.json")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    cfg = FidelityConfig(model=a.model, assets=a.assets, tokens=a.tokens, probes=tuple(a.probes),
+                         datasets=tuple(a.datasets), clusterings=tuple(a.clusterings),
+                         centroid_modes=tuple(a.centroid_modes), dtype=a.dtype, max_len=a.max_len,
+                         seed=a.seed, data_dir=a.data_dir, cache_dir=a.cache_dir, out=a.out,
+                         threads=a.threads)
+    result = run(cfg)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({k: v for k, v in result.items() if not k.startswith("_")},
+                              indent=1) + "\n")
+    plot(result, out.with_suffix(".png"), max(1024, max(cfg.probes)))
+    print_tables(result)
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
