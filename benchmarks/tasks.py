@@ -35,6 +35,10 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 RESUME_KEYS = ("model", "task", "subset", "n_items", "max_new_tokens", "dtype", "flashhead_config")
 
 
+def command_line(argv: list[str]) -> str:
+    return shlex.join(["python", "-m", "benchmarks.tasks", *argv])
+
+
 @dataclass
 class TasksConfig:
     model: str
@@ -55,8 +59,7 @@ class TasksConfig:
     mmlu_per_category: int | None = 50
     seed: int = 0
     resume: bool = False
-    command: str = field(default_factory=lambda: shlex.join(["python", "-m", "benchmarks.tasks",
-                                                              *sys.argv[1:]]))
+    command: str = field(default_factory=lambda: command_line(sys.argv[1:]))
 
     def __post_init__(self) -> None:
         bad = [t for t in self.tasks if t not in TASKS]
@@ -248,6 +251,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.score_only:
         rows = [r for f in args.score_only
@@ -262,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                       device=args.device, dtype=args.dtype, out=Path(args.out),
                       generations=args.generations, data_dir=args.data_dir,
                       mmlu_per_category=args.mmlu_per_category or None, seed=args.seed,
-                      resume=args.resume)
+                      resume=args.resume, command=command_line(argv))
     from fh_compile.loading import load_model
 
     model, tokenizer = load_model(cfg.model, dtype=cfg.torch_dtype, device=cfg.device)

@@ -1,0 +1,75 @@
+"""RESULTS.md rendering from hand-made result files (and from scored generations)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks import results_page
+from benchmarks.eval.report import merge_results, score_rows, table
+
+
+def _gsm8k_rows() -> list[dict]:
+    header = {"task": "gsm8k", "model": "/m/tiny.gguf", "model_name": "tiny.gguf",
+              "device": "NVIDIA H100 80GB HBM3", "date": "2026-01-02T03:04:05+00:00",
+              "command": "python -m benchmarks.tasks --model /m/tiny.gguf", "dtype": "bfloat16",
+              "subset": "first 3 of 1319 test items", "max_new_tokens": 256,
+              "flashhead_config": {"probes": 256, "k": 64}}
+    outputs = {"dense": ["The answer is 18.", "The answer is 3.", "so 5"],
+               "flashhead": ["The answer is 18.", "The answer is 4.", "The answer is 5."]}
+    gens = [{"head": h, "id": str(i), "item": {"answer": f"#### {a}"}, "generation": g,
+             "hit_max": False, "n_new_tokens": 10}
+            for h, outs in outputs.items() for i, (g, a) in enumerate(zip(outs, (18, 3, 5)))]
+    return score_rows(header, gens)
+
+
+def test_score_rows_and_merge(tmp_path: Path) -> None:
+    rows = _gsm8k_rows()
+    em = next(r for r in rows if r["metric"] == "exact_match")
+    assert em["dense"]["correct"] == 3 and em["flashhead"]["correct"] == 2
+    assert (em["paired"]["a_only"], em["paired"]["b_only"]) == (1, 0)
+    strict = next(r for r in rows if r["metric"] == "strict_match")
+    assert (strict["paired"]["a_only"], strict["paired"]["b_only"]) == (1, 1)
+    assert em["device"] == "NVIDIA H100 80GB HBM3" and em["headline"] and not strict["headline"]
+    assert "McNemar" in table(rows)
+    out = tmp_path / "tasks.json"
+    merge_results(out, rows)
+    other = [{**rows[0], "model": "/m/other.gguf"}]
+    merged = merge_results(out, other)
+    assert len(merged) == 3
+    assert len(merge_results(out, rows)) == 3          # same key: replaced, not duplicated
+
+
+def test_results_page(tmp_path: Path) -> None:
+    res = tmp_path / "results"
+    res.mkdir()
+    merge_results(res / "tasks.json", _gsm8k_rows())
+    (res / "fidelity.json").write_text(json.dumps({
+        "model": "tiny.gguf", "vocab_size": 151936, "date": "2026-01-01T00:00:00",
+        "command": "python -m benchmarks.fidelity", "cpu": "x86_64",
+        "rows": [{"dataset": "gsm8k", "positions_subset": s, "probes": p,
+                  "top1_agreement": a, "top5_recall": a} for s in ("all", "answer")
+                 for p, a in ((64, 0.97), (256, 0.995))]}))
+    (res / "head_latency.json").write_text(json.dumps({"config": {}, "rows": [
+        {"gpu": "NVIDIA H100", "date": "2026-01-01", "B": b, "probes": p, "method": m,
+         "ms": ms, "speedup": sp, "V": 151936}
+        for b, p, m, ms, sp in ((1, None, "dense", 0.1, 1.0), (1, 256, "triton", 0.02, 5.0),
+                                (8, 256, "triton", 0.04, 2.5))]}))
+    out = tmp_path / "bench" / "RESULTS.md"
+    assert results_page.main(["--results", str(res), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "Not run yet" in page and "tpot.json" in page                 # missing file
+    assert "| gsm8k | exact_match **(headline)** | 3 |" in page
+    assert "NVIDIA H100 80GB HBM3" in page and "2026-01-02T03:04:05" in page
+    assert "`python -m benchmarks.tasks --model /m/tiny.gguf`" in page
+    assert "| P=64 | P=256 |" in page and "0.995" in page                # fidelity pivot
+    assert "Same in every row: V = 151936" in page                      # constant column
+    assert "NVIDIA H100" in page and "| triton | 8 | 256 |" in page.replace("  ", " ")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "![" not in page
+    else:
+        for name in ("tasks", "fidelity", "head_latency"):
+            assert (out.parent / "figures" / f"{name}.png").is_file()
+            assert f"](figures/{name}.png)" in page
