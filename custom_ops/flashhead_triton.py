@@ -10,8 +10,9 @@ Pipeline of `triton_topk` (every launch fixed-size, no host sync: CUDA-graph cap
   2. `_mark_selected_kernel`, cumsum, `_compact_union_kernel`: the distinct clusters selected by
      any row, as a list union [U] plus its length (the last element of the cumsum), and
      pos [B, K] = where row b keeps cluster c among its P picks, or -1.
-  3. `_score_union_kernel`: one program per union cluster reads its C weight rows once, scores
-     them against all B rows, and writes the rows that picked it into cand [B, P * C].
+  3. `_score_union_kernel`: each program reads the C weight rows of one (or, for large B, a few)
+     union clusters once, scores them against all B rows, and writes the rows that picked each
+     cluster into cand [B, P * C].
   4. torch.topk over int64 keys (logit, then smallest id) gives the k best, best first.
 """
 
@@ -114,34 +115,41 @@ def _compact_union_kernel(flag_ptr, incl_ptr, union_ptr, K, BLOCK: tl.constexpr)
 @triton.jit
 def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union_ptr, incl_ptr,
                         key_ptr, logit_ptr, B, K, D, NCAND,
-                        C: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr,
-                        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+                        C: tl.constexpr, GROUP: tl.constexpr, DOT_FP32: tl.constexpr,
+                        EVEN_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
     """Exact logits of the union's clusters for the rows that picked them.
 
     h [B, D]; weight [V, D] reordered; offsets [K + 1] int64; token_ids [V] int64; pos [B, K]
-    int32; union [U] int32 with length incl[K - 1].  Program (j, bb) scores cluster union[j]'s
-    rows (C or fewer) once against BLOCK_B rows and, for each row b with p = pos[b, c] >= 0,
-    writes slots p * C .. p * C + C - 1 of
+    int32; union [U] int32 with length incl[K - 1].  Program (g, bb) scores the rows of the
+    GROUP clusters union[g * GROUP:(g + 1) * GROUP] (C or fewer rows each) once against BLOCK_B
+    rows of h, and for each row b and cluster c with p = pos[b, c] >= 0 writes slots
+    p * C .. p * C + C - 1 of
       logit [B, NCAND = P * C] fp32: the exact logit, -inf for padding slots of short clusters;
       key   [B, NCAND] int64: (logit as order-preserving int32) << 32 | (2**31 - 1 - vocab id),
             so the largest key is the largest logit, ties to the smallest vocab id; padding
             slots carry token_ids[0], like the reference.
-    Every (b, p) slot is written exactly once.  Programs with j >= incl[K - 1] exit at once.
+    Every (b, p) slot is written exactly once.  Programs past the union's length exit at once.
+    GROUP > 1 for large batches, so that h (B * D, re-read by every program from L2) stays no
+    larger than the weight rows a program reads.
     Cost: |union| * C * D * elt bytes of weight (12.6 MB for 256 clusters, C=16, D=1536 bf16;
-    the whole 467 MB weight when the union covers every cluster) + 12 * B * P * C written.
+    all 467 MB when the union covers every cluster) + 12 * B * P * C bytes written.
     """
-    j = tl.program_id(0)
-    if j >= tl.load(incl_ptr + K - 1):
+    n_union = tl.load(incl_ptr + K - 1)
+    if tl.program_id(0) * GROUP >= n_union:
         return
-    c = tl.load(union_ptr + j).to(tl.int64)
-    start = tl.load(offsets_ptr + c)
-    length = tl.load(offsets_ptr + c + 1) - start
-    i = tl.arange(0, BLOCK_C)
-    valid = (i < length) & (i < C)
-    rows = tl.where(valid, start + i, 0)                                # [BLOCK_C] int64
+    lane = tl.arange(0, GROUP * BLOCK_C)                # GROUP clusters side by side
+    i = lane % BLOCK_C                                  # row inside its cluster
+    j = tl.program_id(0) * GROUP + lane // BLOCK_C      # union slot of the lane
+    live = j < n_union
+    c = tl.load(union_ptr + j, mask=live, other=0).to(tl.int64)
+    start = tl.load(offsets_ptr + c, mask=live, other=0)
+    length = tl.load(offsets_ptr + c + 1, mask=live, other=0) - start
+    valid = live & (i < length) & (i < C)
+    rows = tl.where(valid, start + i, 0)                # [GROUP * BLOCK_C] int64
     b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     b_ok = b < B
-    acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_B, GROUP * BLOCK_C), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         if EVEN_D:
@@ -161,11 +169,12 @@ def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union
     score = tl.where(score == 0.0, 0.0, score)         # -0.0 and +0.0 must make equal keys
     bits = score.to(tl.int32, bitcast=True)
     ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)   # float order == int order
-    tid = tl.load(token_ids_ptr + rows)                                 # [BLOCK_C] int64
+    tid = tl.load(token_ids_ptr + rows)                                 # [GROUP * BLOCK_C]
     key = (ordered.to(tl.int64) << 32) | (2147483647 - tid)[None, :]
-    p = tl.load(pos_ptr + b.to(tl.int64) * K + c, mask=b_ok, other=-1)  # [BLOCK_B]
-    out = b[:, None].to(tl.int64) * NCAND + p[:, None] * C + i[None, :]
-    out_mask = (p >= 0)[:, None] & (i < C)[None, :]
+    p = tl.load(pos_ptr + b[:, None].to(tl.int64) * K + c[None, :],
+                mask=b_ok[:, None] & live[None, :], other=-1)   # [BLOCK_B, GROUP * BLOCK_C]
+    out = b[:, None].to(tl.int64) * NCAND + p * C + i[None, :]
+    out_mask = (p >= 0) & (i < C)[None, :]
     tl.store(key_ptr + out, key, mask=out_mask)
     tl.store(logit_ptr + out, score, mask=out_mask)
 
@@ -173,7 +182,8 @@ def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union
 class _Blocks(NamedTuple):
     block_b: int    # rows of h per program (>= 16: tl.dot's smallest tile)
     block_k: int    # centroids per stage-1 program
-    block_c: int    # weight rows per stage-2 program (>= C and >= 16)
+    block_c: int    # rows per cluster in stage 2 (>= C and >= 16)
+    group: int      # union clusters per stage-2 program
     block_d: int    # hidden-size chunk per loop step
     dot_fp32: bool  # fp32 products (tl.dot in IEEE mode) instead of 16-bit tensor-core inputs
 
@@ -185,9 +195,10 @@ def _blocks(B: int, D: int, C: int, h_dtype: torch.dtype, w_dtype: torch.dtype) 
     # Small batches: more, smaller centroid blocks so every SM streams (K=9496 -> 297 programs).
     block_k = 32 if block_b <= 16 else 64
     block_c = max(16, triton.next_power_of_2(C))
+    group = max(1, block_b // block_c)
     block_d = 64 if dot_fp32 else 128
     block_d = min(block_d, max(16, triton.next_power_of_2(D)))
-    return _Blocks(block_b, block_k, block_c, block_d, dot_fp32)
+    return _Blocks(block_b, block_k, block_c, group, block_d, dot_fp32)
 
 
 def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
@@ -231,10 +242,10 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
 
     keys = _empty((B, P * C), torch.int64, dev)                         # keys: [B, P * C]
     cand = _empty((B, P * C), torch.float32, dev)                       # cand: [B, P * C]
-    _launch(_score_union_kernel, (U, nb))(
+    _launch(_score_union_kernel, (triton.cdiv(U, blk.group), nb))(
         h, weight, offsets, token_ids, pos, union, incl, keys, cand, B, K, D, P * C, C=C,
-        DOT_FP32=blk.dot_fp32, EVEN_D=even_d, BLOCK_B=blk.block_b, BLOCK_C=blk.block_c,
-        BLOCK_D=blk.block_d)
+        GROUP=blk.group, DOT_FP32=blk.dot_fp32, EVEN_D=even_d, BLOCK_B=blk.block_b,
+        BLOCK_C=blk.block_c, BLOCK_D=blk.block_d)
     best, where = torch.topk(keys, k, dim=1)                            # [B, k], best first
     ids = _ID_BIAS - (best & 0xFFFFFFFF)
     return ids, torch.gather(cand, 1, where)

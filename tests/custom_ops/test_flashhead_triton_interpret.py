@@ -1,6 +1,7 @@
 """The FlashHead Triton kernels under the Triton interpreter (CPU), against the PyTorch reference.
 
-Run in its own process:  TRITON_INTERPRET=1 pytest -m interpret tests/custom_ops/test_flashhead_triton_interpret.py
+Run in its own process:
+    TRITON_INTERPRET=1 pytest -m interpret tests/custom_ops/test_flashhead_triton_interpret.py
 The interpreter must be on before triton is first imported, and setting it inside a shared pytest
 process would leak into every later test (their kernels would be interpreted too), so without
 TRITON_INTERPRET=1 from the runner this module skips before importing anything.

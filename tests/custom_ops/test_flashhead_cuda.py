@@ -1,0 +1,188 @@
+"""flashhead::topk on CUDA (the Triton kernels) against the PyTorch reference; CUDA graphs; compile.
+
+Runs on the GPU machine:  pytest -m cuda tests/custom_ops/test_flashhead_cuda.py
+Every scratch buffer of the kernels is poisoned (NaN / int max) so an unwritten element fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from custom_ops import flashhead_triton
+from custom_ops.reference import flashhead_reference
+from fh_compile.build_assets import build_assets
+
+pytestmark = pytest.mark.cuda
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Both sides compute in fp32 from the same dtype-rounded inputs; only the summation order
+# differs, so the tolerance is fp32's, scaled by sqrt(D)-sized logits.
+ATOL = {torch.bfloat16: 2e-3, torch.float16: 2e-3, torch.float32: 2e-3}
+
+
+def poisoned_empty(shape, dtype, device):
+    if dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.full(shape, torch.iinfo(dtype).max, dtype=dtype, device=device)
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(flashhead_triton, "_empty", poisoned_empty)
+
+
+def make_assets(V: int, D: int, C: int = 16):
+    w = torch.randn(V, D, device="cuda")
+    return build_assets(w, cluster_size=C, coarse_iters=3, fine_iters=3)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return make_assets(1003, 96)      # V not divisible by 16, D not a power of two
+
+
+@pytest.fixture(scope="module")
+def medium():
+    return make_assets(32003, 512)
+
+
+def gumbel(B: int, K: int) -> torch.Tensor:
+    u = torch.rand(B, K, device="cuda").clamp(1e-9, 1 - 1e-9)
+    return -torch.log(-torch.log(u))
+
+
+def op_args(a, dtype, probes, k, C=16):
+    return (a.centroids.to(dtype), a.weight.to(dtype), a.offsets, a.token_ids, probes, C, k)
+
+
+def check(ids, logits, a, h, probes, k, noise=None, dtype=torch.bfloat16, C=16):
+    """ids/logits from the op vs the fp32 CPU reference (no TF32 anywhere)."""
+    cent, weight, offsets, token_ids = (t.cpu() for t in op_args(a, dtype, probes, k, C)[:4])
+    hc, nc = h.cpu(), (noise.cpu() if noise is not None else None)
+    ref_ids, ref_logits = flashhead_reference(hc, cent, weight, offsets, token_ids, probes, C,
+                                              min(k + 1, probes * C), nc)
+    ids, logits = ids.cpu(), logits.cpu()
+    B, V = h.shape[0], weight.shape[0]
+    assert ids.shape == (B, k) and ids.dtype == torch.int64
+    assert logits.shape == (B, k) and logits.dtype == torch.float32
+    assert bool(((ids >= 0) & (ids < V)).all()), "every id is a vocabulary id"
+    assert not bool(logits.isnan().any()), "every logit was written"
+    assert bool((logits[:, :-1] >= logits[:, 1:]).all()), "best first"
+    tol = ATOL[dtype]
+    s = hc.double() @ cent.double().t() + (nc.double() if nc is not None else 0.0)
+    if probes < s.shape[1]:
+        top = s.topk(probes + 1, dim=1).values
+        rows = (top[:, -2] - top[:, -1]) > 1e-3     # clear cluster selection
+    else:
+        rows = torch.ones(B, dtype=torch.bool)
+    assert bool(rows.any())
+    ref_k = ref_logits[:, :k]
+    torch.testing.assert_close(logits[rows], ref_k[rows], rtol=1e-4, atol=tol)
+    gaps = (ref_logits[:, :-1] - ref_logits[:, 1:]).nan_to_num(posinf=1e9)
+    before = torch.cat([torch.full_like(gaps[:, :1], 1e9), gaps], 1)[:, :k]
+    after = torch.cat([gaps, torch.full_like(gaps[:, :1], 1e9)], 1)[:, :k]
+    clear = (before > tol) & (after > tol) & rows[:, None]
+    assert torch.equal(ids[clear], ref_ids[:, :k][clear])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B", [1, 5, 16, 64, 130])
+def test_small_shapes(small, fresh_seed, dtype, B) -> None:
+    h = torch.randn(B, 96, device="cuda").to(dtype)
+    for probes, k, noise in ((1, 1, None), (7, 5, None), (9, 16, gumbel(B, small.num_clusters))):
+        args = op_args(small, dtype, probes, k)
+        ids, logits = torch.ops.flashhead.topk(h, *args, noise)
+        check(ids, logits, small, h, probes, k, noise, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B", [1, 5, 16, 64])
+def test_medium_shapes(medium, fresh_seed, dtype, B) -> None:
+    h = torch.randn(B, 512, device="cuda").to(dtype)
+    for probes, k in ((64, 1), (256, 8)):
+        ids, logits = torch.ops.flashhead.topk(h, *op_args(medium, dtype, probes, k), None)
+        check(ids, logits, medium, h, probes, k, None, dtype)
+
+
+def test_all_clusters_dense_argmax_and_padding(small, fresh_seed) -> None:
+    K = small.num_clusters
+    h = torch.randn(3, 96, device="cuda")
+    ids, logits = torch.ops.flashhead.topk(h, *op_args(small, torch.float32, K, K * 16), None)
+    check(ids, logits, small, h, K, K * 16, None, torch.float32)
+    assert int((logits == float("-inf")).sum(1)[0]) == K * 16 - 1003
+    dense = h.cpu() @ small.weight.cpu().t()                            # fp32, no TF32
+    top2 = dense.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-3
+    assert torch.equal(ids.cpu()[clear, 0], small.token_ids.cpu()[dense.argmax(1)][clear])
+
+
+@pytest.mark.parametrize("C", [8, 32])
+def test_other_cluster_sizes(fresh_seed, C) -> None:
+    a = make_assets(517, 80, C)
+    h = torch.randn(6, 80, device="cuda", dtype=torch.float16)
+    ids, logits = torch.ops.flashhead.topk(h, *op_args(a, torch.float16, 5, 7, C), None)
+    check(ids, logits, a, h, 5, 7, None, torch.float16, C)
+
+
+def test_exact_ties_break_by_smallest_id(fresh_seed) -> None:
+    weight = torch.randint(-2, 3, (520, 32), device="cuda").to(torch.bfloat16)
+    a = build_assets(weight, cluster_size=16, coarse_iters=2, fine_iters=2)
+    h = torch.randint(-2, 3, (4, 32), device="cuda").to(torch.bfloat16)
+    args = (a.centroids, a.weight, a.offsets, a.token_ids, a.num_clusters, 16, 40)
+    ids, logits = torch.ops.flashhead.topk(h, *args, None)
+    ref_ids, ref_logits = flashhead_reference(*(t.cpu() for t in (h, *args[:4])), *args[4:])
+    assert bool((logits[:, :-1] == logits[:, 1:]).any()), "the test needs ties"
+    assert torch.equal(logits.cpu(), ref_logits)
+    assert torch.equal(ids.cpu(), ref_ids)
+
+
+def test_opcheck(small, fresh_seed) -> None:
+    h = torch.randn(3, 96, device="cuda", dtype=torch.bfloat16)
+    args = (h, *op_args(small, torch.bfloat16, 4, 3), gumbel(3, small.num_clusters))
+    torch.library.opcheck(torch.ops.flashhead.topk.default, args)
+
+
+def test_cuda_graph_replay_with_new_inputs(medium, fresh_seed) -> None:
+    B, probes, k, dtype = 16, 128, 4, torch.bfloat16
+    args = op_args(medium, dtype, probes, k)
+    static_h = torch.randn(B, 512, device="cuda").to(dtype)
+    static_noise = gumbel(B, medium.num_clusters)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):                 # warm up (Triton compiles) off the graph
+        for _ in range(3):
+            torch.ops.flashhead.topk(static_h, *args, static_noise)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ids, logits = torch.ops.flashhead.topk(static_h, *args, static_noise)
+    for _ in range(3):
+        h = torch.randn(B, 512, device="cuda").to(dtype)
+        noise = gumbel(B, medium.num_clusters)
+        static_h.copy_(h)
+        static_noise.copy_(noise)
+        graph.replay()
+        torch.cuda.synchronize()
+        check(ids.clone(), logits.clone(), medium, h, probes, k, noise, dtype)
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_fullgraph_compile(medium, fresh_seed, mode) -> None:
+    torch._dynamo.reset()
+    dtype, probes, k = torch.bfloat16, 64, 4
+
+    def head(h, cent, weight, offsets, token_ids, noise):
+        ids, logits = torch.ops.flashhead.topk(h, cent, weight, offsets, token_ids, probes, 16,
+                                               k, noise)
+        return ids, logits * 1.0    # something for Inductor to fuse around the op
+
+    compiled = torch.compile(head, fullgraph=True, mode=mode)
+    cent, weight, offsets, token_ids = op_args(medium, dtype, probes, k)[:4]
+    for _ in range(3):                              # reduce-overhead records on a later call
+        h = torch.randn(8, 512, device="cuda").to(dtype)
+        noise = gumbel(8, medium.num_clusters)
+        ids, logits = (t.clone() for t in compiled(h, cent, weight, offsets, token_ids, noise))
+        eager_ids, eager_logits = head(h, cent, weight, offsets, token_ids, noise)
+        assert torch.equal(ids, eager_ids)
+        assert torch.equal(logits, eager_logits)
+        check(ids, logits, medium, h, probes, k, noise, dtype)
