@@ -91,7 +91,8 @@ def copy_bandwidth_gbps() -> float:
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
 
 
-def run(cfg: HeadLatencyConfig) -> list[dict]:
+def run(cfg: HeadLatencyConfig) -> tuple[dict, list[dict]]:
+    """(run metadata: card, versions, date, shapes; one row per (B, probes, method))."""
     import triton
 
     import custom_ops  # noqa: F401  (registers torch.ops.flashhead.topk)
@@ -114,14 +115,19 @@ def run(cfg: HeadLatencyConfig) -> list[dict]:
     print("inputs are random: rows of a batch share few clusters, so the union read at B > 1 is "
           "the worst case (a real model's hidden states share more)", flush=True)
     rows = []
+
+    def add(B: int, P: int | None, method: str, ms: float, dense_ms: float, union: float | None,
+            nbytes: float, agree: float | None) -> None:
+        rows.append(dict(gpu=meta["gpu"], B=B, probes=P, method=method, ms=ms,
+                         speedup=dense_ms / ms, union=union, bytes=nbytes,
+                         gbps=nbytes / ms / 1e6, floor_ms=nbytes / bw / 1e6, top1_agree=agree))
+        extra = "" if union is None else f" (union {union:.0f} clusters)"
+        print(f"B={B} P={P} {method} {ms:.4f} ms{extra}", flush=True)
+
     for B in cfg.batch_sizes:
         hs = [torch.randn(B, D, device="cuda", dtype=dt) for _ in range(cfg.rotations)]
         dense_ms = time_graphs(lambda h: torch.matmul(h, weight.t()).argmax(-1), hs, cfg)
-        dense_bytes = V * D * elt
-        rows.append(dict(meta, B=B, probes=None, method="dense", ms=dense_ms, speedup=1.0,
-                         union=None, bytes=dense_bytes, gbps=dense_bytes / dense_ms / 1e6,
-                         floor_ms=dense_bytes / bw / 1e6, top1_agree=None))
-        print(f"B={B} dense {dense_ms:.4f} ms", flush=True)
+        add(B, None, "dense", dense_ms, dense_ms, None, V * D * elt, None)
         for P in cfg.probes:
             args = (a.centroids, a.weight, a.offsets, a.token_ids, P, C, cfg.k)
             union = sum(select_clusters(h, a.centroids, P).unique().numel() for h in hs) / len(hs)
@@ -132,13 +138,9 @@ def run(cfg: HeadLatencyConfig) -> list[dict]:
             for method in (m for m in cfg.methods if m != "dense"):
                 ms = time_graphs(steps[method], hs, cfg)
                 agree = float((steps[method](hs[0])[0][:, 0] == ref_ids[:, 0]).float().mean())
-                rows.append(dict(meta, B=B, probes=P, method=method, ms=ms,
-                                 speedup=dense_ms / ms, union=union, bytes=fh_bytes,
-                                 gbps=fh_bytes / ms / 1e6, floor_ms=fh_bytes / bw / 1e6,
-                                 top1_agree=agree))
-                print(f"B={B} P={P} {method} {ms:.4f} ms (union {union:.0f} clusters)", flush=True)
+                add(B, P, method, ms, dense_ms, union, fh_bytes, agree)
         del hs
-    return rows
+    return meta, rows
 
 
 def print_table(rows: list[dict]) -> None:
@@ -182,10 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows = run(cfg)
+    meta, rows = run(cfg)
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-    cfg.out.write_text(json.dumps({"config": config, "rows": rows}, indent=1))
+    command = " ".join(["python -m benchmarks.head_latency", *(argv if argv is not None
+                                                               else sys.argv[1:])])
+    cfg.out.write_text(json.dumps(dict(meta, command=command, config=config, rows=rows),
+                                  indent=1))
     print_table(rows)
     print(f"wrote {cfg.out}")
     return 0
