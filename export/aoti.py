@@ -1,0 +1,68 @@
+"""AOTInductor packages of the exported prefill/decode programs, loaded back and verified.
+
+How the FlashHead op gets into the package: `flashhead::topk` is a `torch.library.triton_op`.
+torch.export keeps it as one opaque node (custom_triton_ops_decomposition_disabled), but when
+AOTInductor lowers the program, AOTAutograd's functionalization decomposes a triton_op into its
+body (torch/_library/triton.py, `functional_decomp`).  So nothing of the op is left to run in
+Python, and no proxy executor or C++ custom-op registration is needed at load time:
+  * CUDA: the body's `wrap_triton` kernels are compiled to cubins inside the package;
+  * CPU: the body is the PyTorch reference (custom_ops/reference.py), lowered to C++ (aten shim
+    calls for mm/topk/sort plus generated loops).
+A package therefore loads with `torch._inductor.aoti_load_package` alone (no `import custom_ops`).
+Packages are compiled for the device (and, on CUDA, the GPU architecture) they were exported on.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch.export import ExportedProgram
+
+from export.manifest import Artifact, Verification
+from export.modules import new_state
+from export.programs import Prompt, compare_tokens, describe, eager_tokens, greedy_tokens
+from fh_compile.decode import DecodeStep
+
+AOTI_PROGRAMS = ("prefill", "decode")
+
+
+def package(program: ExportedProgram, path: Path) -> Path:
+    """Compile one program with AOTInductor into a .pt2 package at `path`."""
+    return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(path)))
+
+
+def load(path: str | Path):
+    """The package's callable: same arguments and outputs as the exported program."""
+    return torch._inductor.aoti_load_package(str(path))
+
+
+def package_and_verify(step: DecodeStep, programs: dict[str, ExportedProgram], out: Path,
+                       prompt: Prompt, steps: int, verify: bool,
+                       which: tuple[str, ...] = AOTI_PROGRAMS) -> list[Artifact]:
+    """Package `which` of the programs as out/<name>.aoti.pt2; (verify) load them and compare
+    greedy tokens with the eager step.  A program not packaged runs as its torch.export program
+    in the check (so a decode-only package is still verified end to end)."""
+    unknown = set(which) - set(AOTI_PROGRAMS)
+    if unknown or not which:
+        raise ValueError(f"AOTI programs must be a non-empty subset of {AOTI_PROGRAMS}, got {which}")
+    device = str(step.attn_mask.device)
+    artifacts, paths = [], {}
+    for name in which:
+        t0 = time.perf_counter()
+        paths[name] = package(programs[name], out / f"{name}.aoti.pt2")
+        inputs, outputs = describe(step, name)
+        artifacts.append(Artifact(
+            f"{name}.aoti", "aoti", paths[name].name, inputs, outputs,
+            Verification("skipped", "--no-verify"), round(time.perf_counter() - t0, 2),
+            device=device, notes=[f"compiled for {device}; load with "
+                                  f"torch._inductor.aoti_load_package (no custom_ops import)"]))
+    if verify:
+        run = {n: load(paths[n]) if n in paths else programs[n].module() for n in AOTI_PROGRAMS}
+        got = greedy_tokens(run["prefill"], run["decode"], new_state(step), prompt, steps)
+        result = compare_tokens(eager_tokens(step, prompt, steps), got,
+                                f"aoti_load_package({', '.join(p.name for p in paths.values())})")
+        for a in artifacts:
+            a.verification = result
+    return artifacts
