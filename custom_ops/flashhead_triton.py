@@ -189,9 +189,13 @@ class _Blocks(NamedTuple):
 
 
 def _blocks(B: int, D: int, C: int, h_dtype: torch.dtype, w_dtype: torch.dtype) -> _Blocks:
-    """Tile sizes.  Chosen by reasoning, not yet tuned on a card (see benchmarks/head_latency)."""
+    """Tile sizes.  Chosen by reasoning, not yet tuned on a card (see benchmarks/head_latency).
+
+    B may be a SymInt under torch.compile(dynamic=True): only range comparisons touch it, so a
+    compiled graph is guarded on B's range (16, 32, more), not specialized on its value.
+    """
     dot_fp32 = not (h_dtype == w_dtype and h_dtype in (torch.bfloat16, torch.float16))
-    block_b = min(64, max(16, triton.next_power_of_2(B)))
+    block_b = 16 if B <= 16 else 32 if B <= 32 else 64
     # Small batches: more, smaller centroid blocks so every SM streams (K=9496 -> 297 programs).
     block_k = 32 if block_b <= 16 else 64
     block_c = max(16, triton.next_power_of_2(C))
@@ -236,7 +240,7 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
     _launch(_mark_selected_kernel, (triton.cdiv(B * P, 1024),))(
         sel, pos, flag, B, K, P, BLOCK=1024)
     incl = torch.cumsum(flag, 0, dtype=torch.int32)                     # incl: [K] int32
-    U = min(B * P, K)
+    U = torch.sym_min(B * P, K)                  # no guard on B when B is symbolic
     union = _empty((U,), torch.int32, dev)                              # union: [U] int32
     _launch(_compact_union_kernel, (triton.cdiv(K, 1024),))(flag, incl, union, K, BLOCK=1024)
 
