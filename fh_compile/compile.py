@@ -11,10 +11,12 @@ lives in `model.fh_compiled` (a CompiledDecoder).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEFAULT_ASSET_CACHE = Path("~/.cache/fh-compile/assets")
 
+_STEP_IDS = itertools.count()
 StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -104,9 +107,7 @@ class CompiledDecoder:
                 nxt = torch.where(finished, pad, nxt)
                 return nxt, finished | (nxt.unsqueeze(1) == eos_ids).any(dim=1)
 
-            mode = self.info.mode
-            self._fns[key] = fused if mode is None else torch.compile(
-                fused, mode=mode, fullgraph=True)
+            self._fns[key] = compile_step(fused, self.info.mode)
         return self._fns[key]
 
     def call_timed(self, key: tuple, fn: StepFn, tokens: torch.Tensor,
@@ -124,6 +125,21 @@ class CompiledDecoder:
 
     def __repr__(self) -> str:
         return f"CompiledDecoder({self.info}, compiled={len(self._fns)})"
+
+
+def compile_step(fn: Callable, mode: str | None) -> Callable:
+    """torch.compile(fn, mode=mode, fullgraph=True) on a copy of fn with its own code object
+    (mode None: fn itself).
+
+    Dynamo keeps compiled graphs per code object; closures made by one `def` share theirs, so
+    without the copy every decoder of the process would count against one recompile limit (and
+    then silently run eagerly) and check the guards of all the others on every step.
+    """
+    if mode is None:
+        return fn
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{next(_STEP_IDS)}")
+    own = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    return torch.compile(own, mode=mode, fullgraph=True)
 
 
 def compile_model(model: nn.Module, assets: FlashHeadAssets | None = None, *, probes: int = 256,
