@@ -33,6 +33,9 @@ def load_rows(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     if isinstance(data, list):
         return {}, [r for r in data if isinstance(r, dict)]
     meta = {k: v for k, v in data.items() if k != "rows" and not k.startswith("_")}
+    for nested in ("config", "meta"):  # {"meta": {"gpu": ...}, "rows": [...]}: lift it up
+        if isinstance(meta.get(nested), dict):
+            meta = {**meta, **meta.pop(nested)}
     return meta, [r for r in data.get("rows", []) if isinstance(r, dict)]
 
 
@@ -169,8 +172,31 @@ def latency_section(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     return generic_table(rows, meta, prefer)
 
 
+def tpot_section(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """ms per output token by head, one line per (exec, B), speedups against dense."""
+    rows = [r for r in rows if not r.get("skipped")]
+    if not rows or not all(k in rows[0] for k in ("head", "B", "tpot_ms")):
+        return latency_section(meta, rows)
+    heads = list(dict.fromkeys(r["head"] for r in rows))
+    fh = [h for h in heads if h not in ("dense", "body")]
+    grid: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        grid.setdefault((r.get("exec", "-"), r["B"]), {})[r["head"]] = r["tpot_ms"]
+    body = []
+    for (ex, B), by in grid.items():
+        speed = [fmt(by["dense"] / by[h]) if "dense" in by and h in by else "-" for h in fh]
+        body.append([ex, str(B), *(fmt(by.get(h)) for h in heads), *speed])
+    out = "Milliseconds per output token (median), and dense / FlashHead speedup:\n\n"
+    out += md_table(["exec", "B", *(f"{h} ms" for h in heads), *(f"x {h}" for h in fh)], body)
+    _, runs = runs_block(rows, meta)
+    model = meta.get("model")
+    return out + (f"\nModel: {model}, dtype {meta.get('dtype', '?')}.\n" if model else "") + \
+        "\n" + runs + "\n<details><summary>All rows</summary>\n\n" + \
+        generic_table(rows, meta, ("exec", "head", "B", "tpot_ms")) + "\n</details>\n"
+
+
 RENDER = {"fidelity.json": fidelity_section, "tasks.json": tasks_section,
-          "head_latency.json": latency_section, "tpot.json": latency_section}
+          "head_latency.json": latency_section, "tpot.json": tpot_section}
 
 
 def render(results: Path, out: Path) -> str:

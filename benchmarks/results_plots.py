@@ -27,7 +27,7 @@ def plot(name: str, meta: dict[str, Any], rows: list[dict[str, Any]], folder: Pa
     """Write folder/<stem>.png for results file `name`; the path, or None when not plotted."""
     plt = _pyplot()
     draw = {"fidelity.json": _fidelity, "tasks.json": _tasks,
-            "head_latency.json": _speedup, "tpot.json": _speedup}.get(name)
+            "head_latency.json": _speedup, "tpot.json": _tpot}.get(name)
     if plt is None or draw is None:
         return None
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
@@ -103,6 +103,27 @@ def _speedup(ax: Any, rows: list[dict[str, Any]]) -> bool:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
     ax.set_ylabel("speedup over dense (x)")
+    ax.grid(alpha=0.3)
+    if len(series) <= 10:
+        ax.legend(fontsize=7)
+    return True
+
+
+def _tpot(ax: Any, rows: list[dict[str, Any]]) -> bool:
+    rows = [r for r in rows if not r.get("skipped") and r.get("tpot_ms") is not None
+            and r.get("B") is not None and r.get("head")]
+    if not rows:
+        return False
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        series.setdefault(f"{r.get('exec', '')} {r['head']}".strip(), []).append(
+            (r["B"], r["tpot_ms"]))
+    for label, pts in series.items():
+        pts.sort()
+        ax.plot([b for b, _ in pts], [t for _, t in pts], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("ms per output token")
     ax.grid(alpha=0.3)
     if len(series) <= 10:
         ax.legend(fontsize=7)

@@ -58,7 +58,16 @@ def test_results_page(tmp_path: Path) -> None:
     out = tmp_path / "bench" / "RESULTS.md"
     assert results_page.main(["--results", str(res), "--out", str(out)]) == 0
     page = out.read_text()
-    assert "Not run yet" in page and "tpot.json" in page                 # missing file
+    assert "Not run yet (no" in page and "tpot.json" in page             # missing file
+    (res / "tpot.json").write_text(json.dumps({
+        "meta": {"gpu": "NVIDIA H200", "date": "2026-01-03", "model": "m", "dtype": "bf16"},
+        "rows": [{"exec": "eager", "head": h, "B": b, "tpot_ms": ms, "raw_ms": [ms]}
+                 for h, b, ms in (("dense", 1, 20.0), ("fh-triton", 1, 16.0),
+                                  ("dense", 16, 24.0), ("fh-triton", 16, 20.0))]}))
+    assert results_page.main(["--results", str(res), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "Not run yet" not in page
+    assert "| eager | 1 | 20 | 16 | 1.25 |" in page and "**NVIDIA H200**, 2026-01-03" in page
     assert "| gsm8k | exact_match **(headline)** | 3 |" in page
     assert "NVIDIA H100 80GB HBM3" in page and "2026-01-02T03:04:05" in page
     assert "`python -m benchmarks.tasks --model /m/tiny.gguf`" in page
@@ -70,6 +79,6 @@ def test_results_page(tmp_path: Path) -> None:
     except ImportError:
         assert "![" not in page
     else:
-        for name in ("tasks", "fidelity", "head_latency"):
+        for name in ("tasks", "fidelity", "head_latency", "tpot"):
             assert (out.parent / "figures" / f"{name}.png").is_file()
             assert f"](figures/{name}.png)" in page
