@@ -35,7 +35,9 @@ LIMITATIONS = [
     "sampling (temperature/top-k/top-p over the candidates) and stochastic probing (centroid "
     "noise) are left to the caller: the exported op has no noise input.",
     "AOTInductor packages run only on the device kind (and, on CUDA, the GPU architecture) and "
-    "torch version that compiled them; each package embeds its own copy of the weights.",
+    "torch version that compiled them; each package embeds its own copy of the weights.  They "
+    "read inputs with the compiled (contiguous) strides without checking them: pass contiguous "
+    "tensors (set AOTI_RUNTIME_CHECK_INPUTS=1 to have shapes and strides checked).",
     "ONNX: fp32 only (onnxruntime's CPU provider has no bf16 arithmetic), static batch, decode "
     "step only (no prefill model: feed the prompt one token per call from an all-zero state).",
     "FlashHead ties: ONNX TopK orders equal centroid scores by lower cluster index; torch.topk "
@@ -94,14 +96,13 @@ class ExportConfig:
         return max(0, min(self.verify_steps, self.max_seq_len - self.prompt_len - 1))
 
 
-def prepare_out_dir(out: Path, overwrite: bool) -> None:
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a file, or a non-empty folder without --overwrite (before any slow work)."""
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputDirError(f"--out {out} exists and is not empty; pass --overwrite to replace "
                              f"its artifacts, or choose a new folder")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST_FILE).unlink(missing_ok=True)  # a stale manifest must not outlive a failed run
 
 
 def default_probes(assets: FlashHeadAssets, batch: int) -> int:
@@ -131,8 +132,10 @@ def run_export(cfg: ExportConfig) -> Manifest:
     """Write cfg.out/{prefill,decode}.pt2 [+ .aoti.pt2] [+ head.onnx, decode.onnx] and
     manifest.json.  Raises ModelLoadError, AssetError, OutputDirError, ValueError or
     programs.ExportCheckError with a message that says what to change."""
-    prepare_out_dir(cfg.out, cfg.overwrite)
+    check_out_dir(cfg.out, cfg.overwrite)
     model, _ = load_model(cfg.model, dtype=cfg.torch_dtype, device=cfg.device)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / MANIFEST_FILE).unlink(missing_ok=True)  # no stale manifest after a failed run
     assets, assets_source = _assets_for(cfg, model)
     probes = cfg.probes or default_probes(assets, cfg.batch)
     k = cfg.k or min(64, probes * assets.min_cluster_size)

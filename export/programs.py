@@ -102,7 +102,9 @@ def greedy_tokens(prefill: PrefillFn, decode: DecodeFn, state: dict[str, torch.T
     ids, _ = prefill(prompt.input_ids, prompt.attention_mask, state)
     tokens = [ids[:, 0]]
     for _ in range(steps):
-        ids, _ = decode(tokens[-1][:, None], state)
+        # contiguous: an AOTInductor package reads inputs with the strides it was compiled for
+        # (it checks them only under AOTI_RUNTIME_CHECK_INPUTS=1); ids[:, :1] is strided.
+        ids, _ = decode(tokens[-1][:, None].contiguous(), state)
         tokens.append(ids[:, 0])
     return torch.stack(tokens, 1)
 
