@@ -58,7 +58,8 @@ def _close(got: np.ndarray, ref: np.ndarray, tol: tuple[float, float]) -> float:
     """Largest |got - ref| - rtol * |ref| (<= atol means within tolerance), -inf entries equal."""
     atol, rtol = tol
     both_inf = np.isneginf(got) & np.isneginf(ref)
-    err = np.where(both_inf, 0.0, np.abs(got - ref) - rtol * np.abs(ref))
+    with np.errstate(invalid="ignore"):  # -inf - -inf
+        err = np.where(both_inf, 0.0, np.abs(got - ref) - rtol * np.abs(ref))
     return float(np.nan_to_num(err, nan=np.inf).max(initial=0.0)) if err.size else 0.0
 
 

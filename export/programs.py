@@ -17,7 +17,7 @@ import torch
 from torch.export import Dim, ExportedProgram
 
 from export.manifest import Artifact, TensorInfo, Verification
-from export.modules import Decode, Prefill, new_state, state_names
+from export.modules import Decode, Prefill, new_state
 from fh_compile.decode import DecodeStep
 
 FLASHHEAD_OP = torch.ops.flashhead.topk.default
@@ -153,7 +153,3 @@ def save_and_verify(step: DecodeStep, out: Path, prompt: Prompt, steps: int, ver
             a.verification = result
     return programs, artifacts
 
-
-__all__ = ["ExportCheckError", "FLASHHEAD_OP", "Prompt", "check_one_flashhead_node",
-           "compare_tokens", "describe", "eager_tokens", "export_decode", "export_prefill",
-           "flashhead_node_count", "greedy_tokens", "save_and_verify", "state_names"]
