@@ -82,7 +82,7 @@ def export_head(head: torch.nn.Module, k: int, hidden: list[torch.Tensor], path:
     t0 = time.perf_counter()
     module = HeadTopK(head, k).eval()
     with torch.no_grad():
-        program = torch.export.export(module, (hidden[0],))
+        program = torch.export.export(module, (hidden[0],), strict=False)
     nodes = check_one_flashhead_node(program, "head")
     _to_onnx(program, path, ["h"], ["ids", "logits"])
     seconds = round(time.perf_counter() - t0, 2)
@@ -118,7 +118,7 @@ def export_decode(step: DecodeStep, path: Path, prompt: Prompt, steps: int, devi
     module = DecodeFunctional(step).eval()
     ids = torch.zeros(step.max_batch_size, 1, dtype=torch.int64)
     with torch.no_grad():
-        program = torch.export.export(module, (ids, new_state(step)))
+        program = torch.export.export(module, (ids, new_state(step)), strict=False)
     nodes = check_one_flashhead_node(program, "ONNX decode")
     _to_onnx(program, path, ["input_ids", *names], ["ids", "logits", *(f"new_{n}" for n in names)])
     seconds = round(time.perf_counter() - t0, 2)
