@@ -4,7 +4,7 @@ verified against the eager model.
 Both programs take the step's state as a dict input and mutate it in place (export.modules), so
 `prefill` fills a cache that `decode` then extends.  Loading needs `import custom_ops` first, so
 that `torch.ops.flashhead.topk` is registered before the graph is deserialized.  Export is
-non-strict (the default since torch 2.9, explicit here): the state rebinding of export.modules is
+non-strict (explicitly; older torch defaulted to strict): the state rebinding of export.modules is
 plain Python attribute assignment, which non-strict tracing simply runs.
 """
 
