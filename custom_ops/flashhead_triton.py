@@ -6,14 +6,16 @@ k returned candidates.
 
 Pipeline of `triton_topk` (every launch fixed-size, no host sync: CUDA-graph capturable):
   1. `_centroid_scores_kernel`: S [B, K] fp32 = h . centroids (+ noise); each program reads a
-     block of centroids once for all B rows.  torch.topk(S, P) picks sel [B, P].
+     block of centroids once for all B rows.  `_select_top_kernel` (or torch.topk for very large
+     K) picks sel [B, P].
   2. `_mark_selected_kernel`, cumsum, `_compact_union_kernel`: the distinct clusters selected by
      any row, as a list union [U] plus its length (the last element of the cumsum), and
      pos [B, K] = where row b keeps cluster c among its P picks, or -1.
   3. `_score_union_kernel`: each program reads the C weight rows of one (or, for large B, a few)
      union clusters once, scores them against all B rows, and writes the rows that picked each
      cluster into cand [B, P * C].
-  4. torch.topk over int64 keys (logit, then smallest id) gives the k best, best first.
+  4. torch.topk (torch.max for k = 1) over int64 keys (logit, then smallest id) gives the k
+     best, best first.
 """
 
 from __future__ import annotations
@@ -23,10 +25,14 @@ from typing import Any, NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
 # Low 32 bits of a candidate key hold _ID_BIAS - vocab id, so a larger key means a smaller id.
 _ID_BIAS = 2**31 - 1
+# Widest centroid row the one-program-per-row Triton selection holds in registers (16 warps x
+# 32 keys per thread); above it torch.topk selects.
+_MAX_SELECT_K = 16384
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -37,7 +43,8 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 def _launch(kernel: Any, grid: tuple[int, ...]) -> Any:
     """wrap_triton so Inductor sees the kernel; under TRITON_INTERPRET=1 the kernel is an
     InterpretedFunction, which older torch versions refuse to wrap, so launch it directly."""
-    if isinstance(kernel, JITFunction):
+    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+    if isinstance(fn, JITFunction):
         return torch.library.wrap_triton(kernel)[grid]
     return kernel[grid]
 
@@ -81,6 +88,46 @@ def _centroid_scores_kernel(h_ptr, cent_ptr, noise_ptr, s_ptr, B, K, D,
     if HAS_NOISE:
         acc += tl.load(noise_ptr + out, mask=out_mask, other=0.0).to(tl.float32)
     tl.store(s_ptr + out, acc, mask=out_mask)
+
+
+# One config (no benchmarking, so safe inside CUDA-graph capture): 16 warps keep 16384 keys at
+# 32 registers per thread.
+@triton.autotune(configs=[triton.Config({}, num_warps=16)], key=[])
+@triton.jit
+def _select_top_kernel(s_ptr, sel_ptr, K, P, BLOCK_K: tl.constexpr):
+    """sel[b, :] = the P clusters with the largest S[b, :], in increasing cluster order.
+
+    S [B, K] fp32; sel [B, P] int64, every element written.  One program per row holds the
+    row in registers (BLOCK_K >= K), finds the P-th largest score T by a 32-step bitwise search
+    on order-preserving int32 keys, takes every score > T and then the scores == T of the
+    smallest cluster ids until P are taken (torch.topk leaves ties unspecified; the reference
+    uses it, so either choice is the reference's).  Cost: 4 * B * K read, 8 * B * P written.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK_K)
+    ok = c < K
+    s = tl.load(s_ptr + b * K + c, mask=ok, other=0.0)
+    s = tl.where(s == 0.0, 0.0, s)                      # -0.0 ties with +0.0, as in floats
+    bits = s.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int order == float order
+    one = tl.full((), 1, tl.int32)
+    sign = one << 31
+    # T = the largest key with #(key >= T) >= P, built from the top bit down; x is T with its
+    # sign bit flipped, so that the bits can be set in unsigned order.
+    # A runtime loop, not static_range: unrolled, the 32-deep chain of x makes Inductor's
+    # kernel mutation analysis (a tree walk of the dataflow) take forever.
+    x = tl.full((), 0, tl.int32)
+    for i in range(32):
+        trial = x | (one << (31 - i))
+        n = tl.sum((ok & (key >= (trial ^ sign))).to(tl.int32), axis=0)
+        x = tl.where(n >= P, trial, x)
+    t = x ^ sign
+    above = ok & (key > t)
+    tie = ok & (key == t)
+    need = P - tl.sum(above.to(tl.int32), axis=0)
+    take = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))
+    slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    tl.store(sel_ptr + b * P + slot, c.to(tl.int64), mask=take)
 
 
 @triton.jit
@@ -207,7 +254,7 @@ def _blocks(B: int, D: int, C: int, h_dtype: torch.dtype, w_dtype: torch.dtype) 
 
 def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
                 offsets: torch.Tensor, token_ids: torch.Tensor, probes: int, cluster_size: int,
-                k: int, centroid_noise: Optional[torch.Tensor] = None
+                k: int, centroid_noise: Optional[torch.Tensor] = None, *, select: str = "auto"
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashHead top-k with Triton kernels: ids [B, k] int64 and logits [B, k] fp32, best first.
 
@@ -215,7 +262,14 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
     custom_ops.flashhead.check_inputs): h [B, D]; centroids [K, D]; weight [V, D] reordered;
     offsets [K + 1] int64; token_ids [V] int64; centroid_noise [B, K] or None.  Equal logits
     come smallest vocabulary id first.  Output shapes depend only on B, k: no host sync.
+    select: how the P clusters per row are picked: "triton" (`_select_top_kernel`, needs
+    K <= 16384), "torch" (torch.topk), or "auto" (Triton where it fits); benchmarks compare them.
     """
+    if select not in ("auto", "triton", "torch"):
+        raise ValueError(f"select must be 'auto', 'triton' or 'torch', got {select!r}")
+    if select == "triton" and triton.next_power_of_2(centroids.shape[0]) > _MAX_SELECT_K:
+        raise ValueError(f"select='triton' holds at most {_MAX_SELECT_K} clusters per row, "
+                         f"got K={centroids.shape[0]}; use select='torch'")
     B, D = h.shape
     K = centroids.shape[0]
     P, C = probes, cluster_size
@@ -233,7 +287,12 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
         h, centroids, noise, scores, B, K, D, HAS_NOISE=centroid_noise is not None,
         DOT_FP32=blk.dot_fp32, EVEN_D=even_d, BLOCK_K=blk.block_k, BLOCK_B=blk.block_b,
         BLOCK_D=blk.block_d)
-    sel = torch.topk(scores, P, dim=1, sorted=False).indices            # sel: [B, P] int64
+    block_k = triton.next_power_of_2(K)
+    if select == "triton" or (select == "auto" and block_k <= _MAX_SELECT_K):
+        sel = _empty((B, P), torch.int64, dev)                          # sel: [B, P] int64
+        _launch(_select_top_kernel, (B,))(scores, sel, K, P, BLOCK_K=block_k)
+    else:
+        sel = torch.topk(scores, P, dim=1, sorted=False).indices
 
     pos = torch.full((B, K), -1, dtype=torch.int32, device=dev)         # pos: [B, K] int32
     flag = torch.zeros((K,), dtype=torch.int32, device=dev)             # flag: [K] int32
@@ -250,6 +309,9 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
         h, weight, offsets, token_ids, pos, union, incl, keys, cand, B, K, D, P * C, C=C,
         GROUP=blk.group, DOT_FP32=blk.dot_fp32, EVEN_D=even_d, BLOCK_B=blk.block_b,
         BLOCK_C=blk.block_c, BLOCK_D=blk.block_d)
-    best, where = torch.topk(keys, k, dim=1)                            # [B, k], best first
+    if k == 1:      # one reduction instead of a 64-bit radix select
+        best, where = torch.max(keys, dim=1, keepdim=True)
+    else:
+        best, where = torch.topk(keys, k, dim=1)                        # [B, k], best first
     ids = _ID_BIAS - (best & 0xFFFFFFFF)
     return ids, torch.gather(cand, 1, where)

@@ -20,6 +20,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # (set by the runner already) before trito
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import triton  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from custom_ops import flashhead_triton  # noqa: E402
@@ -103,6 +104,37 @@ def test_matches_reference(assets, fresh_seed, B, probes, k) -> None:
 def test_matches_reference_with_centroid_noise(assets, fresh_seed, B) -> None:
     gumbel = -torch.log(-torch.log(torch.rand(B, assets.num_clusters).clamp(1e-9, 1 - 1e-9)))
     check(assets, torch.randn(B, D), 6, 4, noise=gumbel)
+
+
+@pytest.mark.parametrize("K,P", [(63, 1), (63, 63), (1000, 17), (9496, 256)])
+def test_select_top_kernel(fresh_seed, K, P) -> None:
+    s = torch.randint(-3, 4, (4, K)).float()           # rows 1-3: heavy ties
+    s[0] = torch.randn(K)                               # row 0: distinct scores
+    s[1, ::7] = -0.0                                    # -0.0 ties with +0.0
+    s[2, :3] = torch.tensor([float("inf"), float("-inf"), -1e30])
+    sel = poisoned_empty((4, P), torch.int64, "cpu")
+    flashhead_triton._launch(flashhead_triton._select_top_kernel, (4,))(
+        s, sel, K, P, BLOCK_K=triton.next_power_of_2(K))
+    for b in range(4):
+        chosen = sel[b]
+        assert bool(((chosen >= 0) & (chosen < K)).all()) and chosen.unique().numel() == P
+        assert bool((chosen[1:] > chosen[:-1]).all()), "increasing cluster order"
+        t = s[b].topk(P).values[-1]
+        rest = torch.ones(K, dtype=torch.bool)
+        rest[chosen] = False
+        assert bool((s[b, chosen] >= t).all()) and bool((s[b, rest] <= t).all())
+        ties = (s[b] == t).nonzero().flatten()
+        taken = chosen[s[b, chosen] == t]
+        assert torch.equal(taken, ties[:taken.numel()]), "ties go to the smallest cluster ids"
+
+
+def test_torch_and_triton_selection_agree(assets, fresh_seed) -> None:
+    h = torch.randn(5, D)
+    args = (assets.centroids, assets.weight, assets.offsets, assets.token_ids, 6, C, 4)
+    a = triton_topk(h, *args, select="triton")
+    b = triton_topk(h, *args, select="torch")
+    rows = stable_rows(h, assets.centroids, 6, None)
+    assert torch.equal(a[0][rows], b[0][rows]) and torch.equal(a[1][rows], b[1][rows])
 
 
 def test_all_clusters_gives_dense_argmax_and_padding(assets, fresh_seed) -> None:
