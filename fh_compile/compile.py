@@ -26,7 +26,7 @@ from torch import nn
 
 from fh_compile.assets import HEADER_FILE, AssetError, FlashHeadAssets, weight_fingerprint
 from fh_compile.build_assets import build_assets
-from fh_compile.decode import DecodeStep
+from fh_compile.decode import DecodeStep, head_next_tokens
 from fh_compile.head import KERNELS, FlashHeadLMHead, _output_embeddings, restore_dense_head, swap_head
 from fh_compile.sampling import SamplingConfig
 
@@ -41,7 +41,8 @@ StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor
 
 @dataclass(frozen=True)
 class CompileOptions:
-    """mode None runs the same decode step eagerly (the A/B baseline for torch.compile)."""
+    """mode None runs the same decode step eagerly (the A/B baseline for torch.compile).
+    fuse: one compiled graph for body + head (see CompiledDecoder)."""
 
     probes: int = 256
     k: int = 64
@@ -52,6 +53,7 @@ class CompileOptions:
     max_cache_len: int = 2048
     dense_above_rows: int | None = None
     cluster_size: int = 16
+    fuse: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -83,48 +85,88 @@ class CompileInfo:
 
 
 class CompiledDecoder:
-    """The decode step of one model plus its fused (body + head + sampling + eos) step functions,
-    compiled once per (sampling, eos, pad) and reused."""
+    """The decode step of one model and its compiled step functions.
+
+    Split (the default): the body is compiled once (`body_fn`: tokens [B] -> hidden [B, D]) and
+    the head + sampling + eos logic once per (head, sampling, eos, pad), so a new sampling setting
+    or head costs a small compile, not the whole model again; two CUDA graphs per step.  Fused
+    (options.fuse): one graph for the whole step, recompiled per setting.
+    """
 
     def __init__(self, step: DecodeStep, info: CompileInfo) -> None:
         self.step, self.info = step, info
-        self.compile_seconds: dict[tuple, float] = {}
+        self.compile_seconds: dict[str, float] = {}   # first call of each step fn (compiles)
         self._fns: dict[tuple, StepFn] = {}
-        self._first_call: set[tuple] = set()
+        self._body: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def body_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Compiled body: tokens [B] int64 -> last hidden state [B, D]; appends one cache slot."""
+        if self._body is None:
+            step = self.step
+
+            def body(tokens: torch.Tensor) -> torch.Tensor:
+                return step.hidden(tokens.unsqueeze(1))
+
+            self._body = compile_step(body, self.info.mode)
+        return self._body
+
+    def head_stage(self, head: nn.Module, sampling: SamplingConfig, eos: tuple[int, ...],
+                   pad: int) -> Callable:
+        """Uncompiled fn(h [B, D], finished [B] bool) -> (next tokens [B], finished [B])."""
+        eos_ids = torch.tensor(eos or (-1,), dtype=torch.int64,
+                               device=self.step.attn_mask.device)           # [E]
+        torch._dynamo.mark_static_address(eos_ids)
+        k = self.step.k
+
+        def head_step(h: torch.Tensor, finished: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+            nxt = torch.where(finished, pad, head_next_tokens(head, h, sampling, k))
+            return nxt, finished | (nxt.unsqueeze(1) == eos_ids).any(dim=1)
+
+        return head_step
 
     def step_fn(self, sampling: SamplingConfig, eos: tuple[int, ...], pad: int) -> StepFn:
-        """fn(tokens [B] int64, finished [B] bool) -> (next tokens [B], finished [B]).  Rows
-        already finished emit `pad`; a row finishes when it emits a token of `eos`."""
-        key = (sampling, eos, pad)
+        """fn(tokens [B] int64, finished [B] bool) -> (next tokens [B], finished [B]) for the
+        model's current head.  Rows already finished emit `pad`; a row finishes when it emits a
+        token of `eos`."""
+        head = self.step.head
+        key = (id(head), sampling, eos, pad)
         if key not in self._fns:
-            step, device = self.step, self.step.attn_mask.device
-            eos_ids = torch.tensor(eos or (-1,), dtype=torch.int64, device=device)   # [E]
-            torch._dynamo.mark_static_address(eos_ids)
+            stage = self.head_stage(head, sampling, eos, pad)
+            mode, step = self.info.mode, self.step
+            if self.info.options.fuse:
+                def fused(tokens: torch.Tensor, finished: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+                    return stage(step.hidden(tokens.unsqueeze(1)), finished)
 
-            def fused(tokens: torch.Tensor, finished: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-                nxt = step.next_tokens(tokens.unsqueeze(1), sampling)
-                nxt = torch.where(finished, pad, nxt)
-                return nxt, finished | (nxt.unsqueeze(1) == eos_ids).any(dim=1)
+                fn = compile_step(fused, mode)
+            else:
+                body, head_c = self.body_fn(), compile_step(stage, mode)
 
-            self._fns[key] = compile_step(fused, self.info.mode)
+                def fn(tokens: torch.Tensor, finished: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                    return head_c(body(tokens), finished)
+
+            self._fns[key] = self._timed(fn, f"{type(head).__name__} {sampling} eos={eos}")
         return self._fns[key]
 
-    def call_timed(self, key: tuple, fn: StepFn, tokens: torch.Tensor,
-                   finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Call fn; the first call of each compiled fn records its (compile) time."""
-        if key in self._first_call:
-            return fn(tokens, finished)
-        t0 = time.perf_counter()
-        out = fn(tokens, finished)
-        if out[0].is_cuda:
-            torch.cuda.synchronize()
-        self.compile_seconds[key] = time.perf_counter() - t0
-        self._first_call.add(key)
-        return out
+    def _timed(self, fn: StepFn, name: str) -> StepFn:
+        """fn, recording the seconds of its first call (the compile) in compile_seconds."""
+        def call(tokens: torch.Tensor, finished: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+            if name in self.compile_seconds:
+                return fn(tokens, finished)
+            t0 = time.perf_counter()
+            out = fn(tokens, finished)
+            if out[0].is_cuda:
+                torch.cuda.synchronize()
+            self.compile_seconds[name] = time.perf_counter() - t0
+            return out
+
+        return call
 
     def __repr__(self) -> str:
-        return f"CompiledDecoder({self.info}, compiled={len(self._fns)})"
+        return f"CompiledDecoder({self.info}, step fns={len(self._fns)})"
 
 
 def compile_step(fn: Callable, mode: str | None) -> Callable:
@@ -145,7 +187,7 @@ def compile_step(fn: Callable, mode: str | None) -> Callable:
 def compile_model(model: nn.Module, assets: FlashHeadAssets | None = None, *, probes: int = 256,
                   k: int = 64, mode: str | None = "max-autotune", flashhead: bool = True,
                   kernel: str = "triton", max_batch_size: int = 1, max_cache_len: int = 2048,
-                  dense_above_rows: int | None = None, cluster_size: int = 16,
+                  dense_above_rows: int | None = None, cluster_size: int = 16, fuse: bool = False,
                   cache_dir: str | os.PathLike | None = None,
                   build_kwargs: dict[str, Any] | None = None) -> nn.Module:
     """Install FlashHead on THIS model and compile its static-cache decode step; returns model.
@@ -155,13 +197,15 @@ def compile_model(model: nn.Module, assets: FlashHeadAssets | None = None, *, pr
     next time.  build_kwargs go to build_assets (e.g. coarse_iters=4, fine_iters=4).
     flashhead=False keeps (or restores) the dense head in the same pipeline, for A/B runs.
     mode: a torch.compile mode ("max-autotune" gives CUDA graphs on GPU), or None for eager.
+    fuse: compile body + head as one graph (default: the body once, the head per setting).
 
     Raises AssetError for assets of another model, ValueError for probes out of range, a model
     without an LM head, or bad options.  The model is put in eval mode.
     """
     opts = CompileOptions(probes=probes, k=k, mode=mode, flashhead=flashhead, kernel=kernel,
                           max_batch_size=max_batch_size, max_cache_len=max_cache_len,
-                          dense_above_rows=dense_above_rows, cluster_size=cluster_size)
+                          dense_above_rows=dense_above_rows, cluster_size=cluster_size,
+                          fuse=fuse)
     if isinstance(_output_embeddings(model), FlashHeadLMHead):
         restore_dense_head(model)  # re-install with these options
     dense = _output_embeddings(model)

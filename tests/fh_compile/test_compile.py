@@ -25,7 +25,7 @@ def test_compiled_flashhead_matches_eager_dense_without_graph_breaks() -> None:
     out = generate(model, ids, mask, max_new_tokens=12)
     assert out.path == "flashhead" and out.mode == "default"
     assert dict(counters["graph_break"]) == {}
-    assert counters["stats"]["unique_graphs"] >= 1
+    assert counters["stats"]["unique_graphs"] == 2                   # body, head + sampling
     eager = generate(dense, ids, mask, max_new_tokens=12)             # eager loop, dense head
     assert eager.path == "dense" and eager.mode is None
     assert torch.equal(out.sequences, eager.sequences)
@@ -66,16 +66,18 @@ def test_flashhead_false_keeps_dense_head(tmp_path) -> None:
         assert torch.equal(out.new_tokens[row], ref)
 
 
-def test_tied_llama_flashhead_equals_dense(tmp_path) -> None:
+def test_tied_llama_fused_flashhead_equals_dense(tmp_path) -> None:
     model = tiny_lm("llama", tied=True, seed=5)
     dense = copy.deepcopy(model)
-    compile_model(model, probes=K, k=8, mode=None, max_batch_size=2, max_cache_len=32,
-                  dense_above_rows=8, cache_dir=tmp_path)
+    compile_model(model, probes=K, k=8, mode="default", max_batch_size=2, max_cache_len=32,
+                  dense_above_rows=8, cache_dir=tmp_path, fuse=True)
     # Tying must not have overwritten anything: the embedding is still the dense weight.
     assert torch.equal(model.get_input_embeddings().weight, dense.get_input_embeddings().weight)
     ids, mask = prompts(seed=2)
+    counters.clear()
     out = generate(model, ids, mask, max_new_tokens=8)
-    assert out.path == "flashhead"
+    assert out.path == "flashhead" and out.mode == "default"
+    assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
     for row, ref in enumerate(hf_greedy_per_row(dense, ids, mask, 8)):
         assert torch.equal(out.new_tokens[row], ref)
 
@@ -117,14 +119,15 @@ def test_k_above_guaranteed_candidates_raises(tmp_path) -> None:
 
 # -- GPU -------------------------------------------------------------------------------------------
 @pytest.mark.cuda
-def test_cuda_max_autotune_no_graph_breaks_same_tokens(tmp_path) -> None:
+@pytest.mark.parametrize("fuse", [False, True])
+def test_cuda_max_autotune_no_graph_breaks_same_tokens(tmp_path, fuse: bool) -> None:
     ids, mask = prompts()
     eager = tiny_lm("qwen2").cuda()
     compiled = copy.deepcopy(eager)
     compile_model(eager, probes=K, k=8, mode=None, max_batch_size=2, max_cache_len=40,
                   dense_above_rows=8, cache_dir=tmp_path)
     compile_model(compiled, probes=K, k=8, mode="max-autotune", max_batch_size=2,
-                  max_cache_len=40, dense_above_rows=8, cache_dir=tmp_path)
+                  max_cache_len=40, dense_above_rows=8, cache_dir=tmp_path, fuse=fuse)
     counters.clear()
     out = generate(compiled, ids.cuda(), mask.cuda(), max_new_tokens=12)
     again = generate(compiled, ids.cuda(), mask.cuda(), max_new_tokens=12)   # graph replays
