@@ -1,21 +1,27 @@
 """Time per output token: eager vs compiled decode, dense head vs FlashHead, and the body alone.
 
-    python -m benchmarks.tpot [--model PATH] [--batch 1 16] [--prompt-len 128] [--new-tokens 64]
+    python -m benchmarks.tpot [--model PATH] [--batch 1 16] [--prompt-len 128] [--new-tokens 32]
                               [--out results/tpot.json] [--quick]
 
 Default model: the DeepSeek-R1-Distill-Qwen-1.5B architecture (Qwen2, D=1536, 28 layers, 12/2
 heads, V=151936, untied head) with random bf16 weights (speed does not depend on the values);
-FlashHead assets are built on the GPU with few k-means iterations and cached on disk.  Every
-variant runs the product's decode step (fh_compile.compile_model + its fused greedy step) over a
-static cache after a `--prompt-len` prompt; "body" runs the same step without any head (the
-ceiling for a head).  Per-token times are CUDA-event medians over the timed steps.  Compiled
-variants (mode max-autotune: Inductor autotuning + CUDA graphs) dominate the run time through
-compilation; they run in order of importance and are skipped once `--budget-s` is spent.
+FlashHead assets are built on the GPU with few k-means iterations and cached on disk.
+
+Every variant is the product's decode step (fh_compile.compile_model, greedy step function) over
+a static cache after a `--prompt-len` prompt.  Per (exec, B) the variants share one decode step:
+one compiled body graph (autotuned once, then reused) and a small graph per head, so "body" (the
+step without any head: the ceiling for a head) is the very graph the heads run after.  The row
+fh-triton-fused is the single-graph step (compile_model(fuse=True)) at the first B, to show what
+the split costs.  Per-token times are CUDA-event medians over `--new-tokens` steps x 3 rounds,
+interleaved over the compiled variants so clock drift hits all alike; ratios are taken within
+the run.  Compilation dominates the run time; a group of compiled variants starts only while the
+run is under `--budget-s`.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import statistics
@@ -35,15 +41,17 @@ class TpotConfig:
     model: str | None = None
     batches: tuple[int, ...] = (1, 16)
     prompt_len: int = 128
-    new_tokens: int = 64          # timed decode steps per variant
+    new_tokens: int = 32          # timed decode steps per variant and round
+    rounds: int = 3               # timing rounds, interleaved over the compiled variants
     warmup: int = 6               # untimed steps after the first (compiling) call
     eager_tokens: int = 16        # timed steps for eager variants (slow, and stable)
     probes: int = 256
     k: int = 64
     mode: str = "max-autotune"
     heads: tuple[str, ...] = HEADS
-    budget_s: float = 420.0       # compiled variants start only while the run is under this
+    budget_s: float = 330.0       # compiled variants start only while the run is under this
     build_iters: int = 2
+    fused_check: bool = True      # also time FlashHead as one fused graph at the first B
     out: Path = field(default_factory=lambda: Path("results/tpot.json"))
 
     def __post_init__(self) -> None:
@@ -70,66 +78,114 @@ def r1_distill_qwen_1p5b(dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module
     return model.eval()
 
 
-def time_steps(fn: Callable[[], object], first: bool, warmup: int, steps: int
-               ) -> tuple[list[float], float]:
-    """(per-step ms from CUDA events, seconds of the first call when `first`, else 0)."""
-    compile_s = 0.0
-    if first:
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        compile_s = time.perf_counter() - t0
-    for _ in range(warmup):
-        fn()
-    events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
-    events[0].record()
-    for i in range(steps):
-        fn()
-        events[i + 1].record()
-    torch.cuda.synchronize()
-    return [a.elapsed_time(b) for a, b in zip(events, events[1:])], compile_s
+@dataclass
+class Variant:
+    """One (head, exec, B) decode step function, kept alive so timing rounds can interleave."""
+
+    head: str
+    mode: str | None
+    B: int
+    step: object
+    call: Callable[[], object]
+    path: str
+    first_call_s: float
+    fused: bool = False
+    ms: list[float] = field(default_factory=list)
 
 
-def measure(model: torch.nn.Module, assets, head: str, mode: str | None, B: int,
-            cfg: TpotConfig) -> dict:
-    """One variant: install the head, build the decode step, prefill, time the steps."""
+def model_view(model: torch.nn.Module) -> torch.nn.Module:
+    """A shallow copy sharing every submodule and weight but with its own module slots, so a
+    group of variants can swap heads without touching the model or another group."""
+    view = copy.copy(model)
+    view._modules = dict(model._modules)
+    view.__dict__.pop("fh_compiled", None)
+    return view
+
+
+def install(view: torch.nn.Module, assets, head: str, cfg: TpotConfig) -> None:
+    from fh_compile import FlashHeadLMHead, restore_dense_head, swap_head
+
+    if isinstance(view.get_output_embeddings(), FlashHeadLMHead):
+        restore_dense_head(view)
+    if head.startswith("fh-"):
+        swap_head(view, assets, probes=cfg.probes, k=cfg.k,
+                  kernel="reference" if head == "fh-reference" else "triton")
+
+
+def group(model: torch.nn.Module, assets, heads: list[str], mode: str | None, B: int,
+          cfg: TpotConfig, fuse: bool = False) -> list[Variant]:
+    """Variants that share one decode step (one KV cache, one compiled body graph unless fused):
+    the body alone and each head's step function (body graph + head graph), in order."""
     from fh_compile import compile_model
-    from fh_compile.compile import compile_step
+    from fh_compile.decode import head_path
     from fh_compile.sampling import SamplingConfig
 
     steps = cfg.new_tokens if mode else cfg.eager_tokens
-    length = cfg.prompt_len + 1 + cfg.warmup + steps + 8
-    flash = head.startswith("fh-")
-    compile_model(model, assets if flash else None, probes=cfg.probes, k=cfg.k, mode=mode,
-                  flashhead=flash, kernel="reference" if head == "fh-reference" else "triton",
-                  max_batch_size=B, max_cache_len=length)
-    dec = model.fh_compiled
-    step = dec.step
+    view = model_view(model)
+    compile_model(view, None, k=cfg.k, mode=mode, flashhead=False, max_batch_size=B, fuse=fuse,
+                  max_cache_len=cfg.prompt_len + 1 + cfg.warmup + steps + 8)
+    dec = view.fh_compiled
     tok = torch.randint(0, 1000, (B,), device="cuda")
     done = torch.zeros(B, dtype=torch.bool, device="cuda")
-    if head == "body":
-        def body(t: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-            return step.hidden(t.unsqueeze(1))
-        fused = compile_step(body, mode)
-    else:
-        fused = dec.step_fn(SamplingConfig(), (), 0)
+    out = []
+    for head in heads:
+        if head == "body":
+            body = dec.body_fn()
+            fn = lambda: body(tok)  # noqa: E731
+        else:
+            install(view, assets, head, cfg)
+            step_fn = dec.step_fn(SamplingConfig(), (), 0)
+            fn = lambda f=step_fn: f(tok, done)  # noqa: E731
 
-    def one() -> None:
-        torch.compiler.cudagraph_mark_step_begin()
-        fused(tok, done)
+        def call(fn: Callable[[], object] = fn) -> None:
+            torch.compiler.cudagraph_mark_step_begin()
+            fn()
 
-    with torch.no_grad():
-        step.prefill_hidden(torch.randint(0, 1000, (B, cfg.prompt_len), device="cuda"))
-        ms, compile_s = time_steps(one, first=True, warmup=cfg.warmup, steps=steps)
-    med = statistics.median(ms)
-    return dict(exec="compiled" if mode else "eager", mode=mode, head=head, B=B,
-                path=dec.info.path if head != "body" else "none", tpot_ms=med,
-                tpot_ms_mean=statistics.fmean(ms), steps=steps,
-                first_call_s=round(compile_s, 2), tok_per_s=B * 1e3 / med,
-                bytes=step_bytes(model, step, assets, head, B), raw_ms=[round(x, 4) for x in ms])
+        with torch.no_grad():
+            prefill(dec.step, B, cfg)
+            t0 = time.perf_counter()
+            call()
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            for _ in range(cfg.warmup):
+                call()
+        path = "none" if head == "body" else head_path(view.get_output_embeddings(), B)
+        name = f"{head}-fused" if fuse else head
+        out.append(Variant(name, mode, B, dec.step, call, path, round(first, 2), fuse))
+    return out
 
 
-def step_bytes(model: torch.nn.Module, step, assets, head: str, B: int) -> int:
+def prefill(step, B: int, cfg: TpotConfig) -> None:
+    g = torch.Generator(device="cuda").manual_seed(B)
+    step.prefill_hidden(torch.randint(0, 1000, (B, cfg.prompt_len), device="cuda", generator=g))
+
+
+@torch.no_grad()
+def time_round(v: Variant, steps: int, cfg: TpotConfig) -> None:
+    """Refill the cache with the prompt, then time `steps` calls with CUDA events."""
+    prefill(v.step, v.B, cfg)
+    for _ in range(2):
+        v.call()
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    events[0].record()
+    for i in range(steps):
+        v.call()
+        events[i + 1].record()
+    torch.cuda.synchronize()
+    v.ms += [a.elapsed_time(b) for a, b in zip(events, events[1:])]
+
+
+def row_of(v: Variant, model: torch.nn.Module, assets, cfg: TpotConfig) -> dict:
+    med = statistics.median(v.ms)
+    return dict(exec="compiled" if v.mode else "eager", mode=v.mode, head=v.head, B=v.B,
+                fused=v.fused,
+                path=v.path, tpot_ms=med, tpot_ms_mean=statistics.fmean(v.ms), steps=len(v.ms),
+                first_call_s=v.first_call_s, tok_per_s=v.B * 1e3 / med,
+                bytes=step_bytes(model, v.step, assets, v.head, v.B, cfg.probes),
+                raw_ms=[round(x, 4) for x in v.ms])
+
+
+def step_bytes(model: torch.nn.Module, step, assets, head: str, B: int, probes: int) -> int:
     """Byte floor of one step: body weights, the K/V read, and the head's weight reads (the
     FlashHead bound counts B * probes distinct clusters, the no-sharing worst case)."""
     body = sum(p.numel() * p.element_size() for n, p in model.base_model.named_parameters()
@@ -142,7 +198,7 @@ def step_bytes(model: torch.nn.Module, step, assets, head: str, B: int) -> int:
     if head == "dense":
         return body + kv_bytes + V * D * 2
     K, C = assets.num_clusters, assets.cluster_size
-    return body + kv_bytes + (K + min(K, B * step.head.config.probes) * C) * D * 2
+    return body + kv_bytes + (K + min(K, B * probes) * C) * D * 2
 
 
 def run(cfg: TpotConfig) -> tuple[dict, list[dict]]:
@@ -173,28 +229,46 @@ def run(cfg: TpotConfig) -> tuple[dict, list[dict]]:
                     k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()})
     print(f"{meta['gpu']}: torch {meta['torch']}, triton {meta['triton']}, transformers "
           f"{meta['transformers']}; {name}", flush=True)
-    plan = [(h, None, B) for B in cfg.batches for h in cfg.heads]            # eager: cheap
-    order = [h for h in ("body", "dense", "fh-triton") if h in cfg.heads]
-    plan += [(h, cfg.mode, B) for B in cfg.batches for h in order]
-    if "fh-reference" in cfg.heads:
-        plan += [("fh-reference", cfg.mode, B) for B in cfg.batches]
-    rows = []
-    for head, mode, B in plan:
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    rows: list[dict] = []
+    heads = [h for h in HEADS if h in cfg.heads]
+    for B in cfg.batches:                                   # eager: cheap, one round each
+        for v in group(model, assets, heads, None, B, cfg):
+            time_round(v, cfg.eager_tokens, cfg)
+            rows.append(row_of(v, model, assets, cfg))
+            print(f"   eager {v.head:<12} B={B:<3} {rows[-1]['tpot_ms']:8.3f} ms/token", flush=True)
+    # Compiled: per B one body graph (autotuned once) and a small graph per head; then the
+    # single-graph (fused) FlashHead step at the first B as a check of the split's cost.
+    ready: list[Variant] = []
+    plan = [(tuple(heads), B, False) for B in cfg.batches]
+    if cfg.fused_check and "fh-triton" in heads:
+        plan.append((("fh-triton",), cfg.batches[0], True))
+    for hs, B, fuse in plan:
         spent = time.perf_counter() - t_start
-        if mode and spent > cfg.budget_s:
-            print(f"skip {head} compiled B={B}: {spent:.0f} s spent (--budget-s)", flush=True)
-            rows.append(dict(exec="compiled", mode=mode, head=head, B=B, skipped=True))
+        if spent > cfg.budget_s:
+            print(f"skip compiled {hs} B={B}: {spent:.0f} s spent (--budget-s)", flush=True)
+            rows += [dict(exec="compiled", mode=cfg.mode, head=h, B=B, fused=fuse, skipped=True)
+                     for h in hs]
             continue
-        row = measure(model, assets, head, mode, B, cfg)
-        rows.append(row)
-        print(f"{row['exec']:>8} {head:<12} B={B:<3} {row['tpot_ms']:8.3f} ms/token "
-              f"(first call {row['first_call_s']:.1f} s)", flush=True)
-        torch.cuda.empty_cache()
+        for v in group(model, assets, list(hs), cfg.mode, B, cfg, fuse=fuse):
+            ready.append(v)
+            print(f"compiled {v.head:<12} B={B:<3} {'fused ' if fuse else ''}first call "
+                  f"{v.first_call_s:.1f} s", flush=True)
+    for _ in range(cfg.rounds):                             # interleaved: drift hits all alike
+        for v in ready:
+            time_round(v, cfg.new_tokens, cfg)
+    rows += [row_of(v, model, assets, cfg) for v in ready]
+    meta["graph_breaks"] = sum(counters["graph_break"].values())
+    meta["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+    meta["run_s"] = round(time.perf_counter() - t_start, 1)
     return meta, rows
 
 
 def print_table(rows: list[dict]) -> None:
-    done = {(r["exec"], r["head"], r["B"]): r for r in rows if not r.get("skipped")}
+    done = {(r["exec"], r["head"], r["B"]): r for r in rows
+            if not r.get("skipped") and not r.get("fused")}
     head = (f"{'exec':<9}{'head':<13}{'B':>4} {'path':<10}{'ms/token':>9} {'tok/s':>8} "
             f"{'GB/s':>7} {'x eager':>8} {'/ body':>7} {'first s':>8}")
     print("\n" + head + "\n" + "-" * len(head))
@@ -202,7 +276,7 @@ def print_table(rows: list[dict]) -> None:
         if r.get("skipped"):
             print(f"{r['exec']:<9}{r['head']:<13}{r['B']:>4} skipped (budget)")
             continue
-        eager = done.get(("eager", r["head"], r["B"]))
+        eager = done.get(("eager", r["head"].removesuffix("-fused"), r["B"]))
         body = done.get((r["exec"], "body", r["B"]))
         x_eager = f"{eager['tpot_ms'] / r['tpot_ms']:.2f}" if eager and r["exec"] != "eager" else "-"
         x_body = f"{r['tpot_ms'] / body['tpot_ms']:.3f}" if body else "-"
@@ -217,12 +291,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="HF folder / hub id / .gguf (default: random 1.5B Qwen2)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64, help="timed steps per compiled variant")
+    p.add_argument("--new-tokens", type=int, default=32,
+                   help="timed steps per compiled variant and round (3 rounds)")
     p.add_argument("--heads", nargs="+", choices=HEADS, default=list(HEADS))
     p.add_argument("--probes", type=int, default=256)
     p.add_argument("--mode", default=None,
                    help="torch.compile mode (default max-autotune; reduce-overhead with --quick)")
-    p.add_argument("--budget-s", type=float, default=420.0)
+    p.add_argument("--budget-s", type=float, default=330.0,
+                   help="start no compiled variant after this many seconds (the run ends ~1 "
+                        "compile later)")
     p.add_argument("--out", type=Path, default=Path("results/tpot.json"))
     p.add_argument("--quick", action="store_true",
                    help="smoke run: first --batch only, 32-token prompt, 16 tokens, no "
@@ -237,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                      mode=a.mode or "max-autotune", budget_s=a.budget_s, out=a.out)
     if a.quick:
         cfg = TpotConfig(model=a.model, batches=(a.batch[0],), prompt_len=min(a.prompt_len, 32),
-                         new_tokens=16, warmup=2, eager_tokens=4, probes=a.probes,
+                         new_tokens=16, rounds=1, warmup=2, eager_tokens=4, probes=a.probes,
                          heads=tuple(h for h in a.heads if h != "fh-reference"),
                          mode=a.mode or "reduce-overhead",
                          budget_s=a.budget_s, out=a.out)
