@@ -22,6 +22,9 @@ from typing import Callable
 import torch
 
 
+METHODS = ("dense", "reference", "triton", "triton_topksel")
+
+
 @dataclass
 class HeadLatencyConfig:
     batch_sizes: tuple[int, ...] = (1, 4, 16, 64)
@@ -33,7 +36,9 @@ class HeadLatencyConfig:
     rotations: int = 4          # distinct inputs h, one CUDA graph each, replayed in turn
     warmup_ms: int = 25
     rep_ms: int = 200
-    methods: tuple[str, ...] = ("dense", "reference", "triton")
+    # triton: the op (Triton cluster selection); triton_topksel: the same kernels with torch.topk
+    # picking the clusters, to show which selection is faster on this card.
+    methods: tuple[str, ...] = ("dense", "reference", "triton", "triton_topksel")
     out: Path = field(default_factory=lambda: Path("results/head_latency.json"))
 
     def __post_init__(self) -> None:
@@ -46,9 +51,10 @@ class HeadLatencyConfig:
             raise ValueError(f"k must be in [1, min(probes) * (cluster_size - 1)], got {self.k}")
         if self.rotations < 1 or self.rep_ms < 1:
             raise ValueError("rotations and rep_ms must be >= 1")
-        unknown = set(self.methods) - {"dense", "reference", "triton"}
+        unknown = set(self.methods) - set(METHODS)
         if unknown or "dense" not in self.methods:
-            raise ValueError(f"methods are dense (required), reference, triton; got {self.methods}")
+            raise ValueError(f"methods are {', '.join(METHODS)} (dense required); got "
+                             f"{self.methods}")
 
 
 def time_graphs(step: Callable[[torch.Tensor], object], inputs: list[torch.Tensor],
@@ -96,6 +102,7 @@ def run(cfg: HeadLatencyConfig) -> tuple[dict, list[dict]]:
     import triton
 
     import custom_ops  # noqa: F401  (registers torch.ops.flashhead.topk)
+    from custom_ops.flashhead_triton import triton_topk
     from custom_ops.reference import flashhead_reference, select_clusters
     from fh_compile.build_assets import build_assets
 
@@ -133,7 +140,8 @@ def run(cfg: HeadLatencyConfig) -> tuple[dict, list[dict]]:
             union = sum(select_clusters(h, a.centroids, P).unique().numel() for h in hs) / len(hs)
             fh_bytes = (K * D + union * C * D) * elt
             steps = {"reference": lambda h: flashhead_reference(h, *args),
-                     "triton": lambda h: torch.ops.flashhead.topk(h, *args, None)}
+                     "triton": lambda h: torch.ops.flashhead.topk(h, *args, None),
+                     "triton_topksel": lambda h: triton_topk(h, *args, None, select="torch")}
             ref_ids = flashhead_reference(hs[0], *args)[0]
             for method in (m for m in cfg.methods if m != "dense"):
                 ms = time_graphs(steps[method], hs, cfg)
@@ -144,14 +152,14 @@ def run(cfg: HeadLatencyConfig) -> tuple[dict, list[dict]]:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'B':>4} {'probes':>6} {'method':<9} {'ms':>9} {'x dense':>8} {'GB/s':>7} "
+    head = (f"{'B':>4} {'probes':>6} {'method':<14} {'ms':>9} {'x dense':>8} {'GB/s':>7} "
             f"{'floor ms':>9} {'union':>7} {'top1=ref':>8}")
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         probes = "-" if r["probes"] is None else str(r["probes"])
         union = "-" if r["union"] is None else f"{r['union']:.0f}"
         agree = "-" if r["top1_agree"] is None else f"{r['top1_agree']:.2f}"
-        print(f"{r['B']:>4} {probes:>6} {r['method']:<9} {r['ms']:>9.4f} {r['speedup']:>8.2f} "
+        print(f"{r['B']:>4} {probes:>6} {r['method']:<14} {r['ms']:>9.4f} {r['speedup']:>8.2f} "
               f"{r['gbps']:>7.0f} {r['floor_ms']:>9.4f} {union:>7} {agree:>8}")
     print("floor ms: bytes that must be read (dense: W; FlashHead: centroids + the batch's union "
           "of clusters) at the measured copy bandwidth")
@@ -163,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="B in {1, 16}, probes 256, short timing")
     p.add_argument("--batch-sizes", type=int, nargs="+")
     p.add_argument("--probes", type=int, nargs="+")
-    p.add_argument("--methods", nargs="+", help="dense (always), reference, triton")
+    p.add_argument("--methods", nargs="+", choices=METHODS, help="dense is always run")
     p.add_argument("--out", type=Path, default=Path("results/head_latency.json"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

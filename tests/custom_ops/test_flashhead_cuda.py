@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 
 from custom_ops import flashhead_triton
 from custom_ops.reference import flashhead_reference
@@ -134,6 +135,38 @@ def test_exact_ties_break_by_smallest_id(fresh_seed) -> None:
     assert bool((logits[:, :-1] == logits[:, 1:]).any()), "the test needs ties"
     assert torch.equal(logits.cpu(), ref_logits)
     assert torch.equal(ids.cpu(), ref_ids)
+
+
+@pytest.mark.parametrize("K,P", [(63, 63), (1000, 17), (9496, 256), (16384, 512)])
+def test_select_top_kernel(fresh_seed, K, P) -> None:
+    s = torch.randint(-3, 4, (4, K), device="cuda").float()     # rows 1-3: heavy ties
+    s[0] = torch.randn(K, device="cuda")
+    s[1, ::7] = -0.0
+    s[2, :3] = torch.tensor([float("inf"), float("-inf"), -1e30], device="cuda")
+    sel = poisoned_empty((4, P), torch.int64, "cuda")
+    flashhead_triton._launch(flashhead_triton._select_top_kernel, (4,))(
+        s, sel, K, P, BLOCK_K=triton.next_power_of_2(K))
+    s, sel = s.cpu(), sel.cpu()
+    for b in range(4):
+        chosen = sel[b]
+        assert bool(((chosen >= 0) & (chosen < K)).all()) and chosen.unique().numel() == P
+        t = s[b].topk(P).values[-1]
+        rest = torch.ones(K, dtype=torch.bool)
+        rest[chosen] = False
+        assert bool((s[b, chosen] >= t).all()) and bool((s[b, rest] <= t).all())
+        ties = (s[b] == t).nonzero().flatten()
+        taken = chosen[s[b, chosen] == t]
+        assert torch.equal(taken, ties[:taken.numel()]), "ties go to the smallest cluster ids"
+
+
+@pytest.mark.parametrize("B", [1, 16, 64])
+def test_torch_and_triton_selection_agree(medium, fresh_seed, B) -> None:
+    h = torch.randn(B, 512, device="cuda").to(torch.bfloat16)
+    args = op_args(medium, torch.bfloat16, 128, 4)
+    a = flashhead_triton.triton_topk(h, *args, select="triton")
+    b = flashhead_triton.triton_topk(h, *args, select="torch")
+    check(*a, medium, h, 128, 4)
+    check(*b, medium, h, 128, 4)
 
 
 def test_opcheck(small, fresh_seed) -> None:
