@@ -282,7 +282,9 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
     nb = triton.cdiv(B, blk.block_b)
 
     scores = _empty((B, K), torch.float32, dev)                         # S: [B, K] fp32
-    noise = centroid_noise.contiguous() if centroid_noise is not None else scores
+    # Without noise the kernel never reads noise_ptr; h stands in (not `scores`: one tensor as
+    # both a read and a written argument would look aliased to Inductor).
+    noise = centroid_noise.contiguous() if centroid_noise is not None else h
     _launch(_centroid_scores_kernel, (triton.cdiv(K, blk.block_k), nb))(
         h, centroids, noise, scores, B, K, D, HAS_NOISE=centroid_noise is not None,
         DOT_FP32=blk.dot_fp32, EVEN_D=even_d, BLOCK_K=blk.block_k, BLOCK_B=blk.block_b,
