@@ -233,10 +233,13 @@ class _Blocks(NamedTuple):
     group: int      # union clusters per stage-2 program
     block_d: int    # hidden-size chunk per loop step
     dot_fp32: bool  # fp32 products (tl.dot in IEEE mode) instead of 16-bit tensor-core inputs
+    launch: dict    # launch options of the stage-1/2 kernels ({} = Triton's 4 warps)
 
 
 def _blocks(B: int, D: int, C: int, h_dtype: torch.dtype, w_dtype: torch.dtype) -> _Blocks:
-    """Tile sizes.  Chosen by reasoning, not yet tuned on a card (see benchmarks/head_latency).
+    """Tile sizes.  Not yet timed on a card (see benchmarks/head_latency); chosen so that the
+    sm_90 builds (triton 3.9, ptxas -v) spill no registers: 4 warps with 128-wide D chunks up to
+    16 rows of h, 8 warps with 64-wide chunks above (4 warps spilled 340-430 bytes at 64 rows).
 
     B may be a SymInt under torch.compile(dynamic=True): only range comparisons touch it, so a
     compiled graph is guarded on B's range (16, 32, more), not specialized on its value.
@@ -247,9 +250,10 @@ def _blocks(B: int, D: int, C: int, h_dtype: torch.dtype, w_dtype: torch.dtype) 
     block_k = 32 if block_b <= 16 else 64
     block_c = max(16, triton.next_power_of_2(C))
     group = max(1, block_b // block_c)
-    block_d = 64 if dot_fp32 else 128
+    block_d = 128 if block_b <= 16 and not dot_fp32 else 64
     block_d = min(block_d, max(16, triton.next_power_of_2(D)))
-    return _Blocks(block_b, block_k, block_c, group, block_d, dot_fp32)
+    launch = {} if block_b <= 16 else {"num_warps": 8}
+    return _Blocks(block_b, block_k, block_c, group, block_d, dot_fp32, launch)
 
 
 def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
@@ -288,7 +292,7 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
     _launch(_centroid_scores_kernel, (triton.cdiv(K, blk.block_k), nb))(
         h, centroids, noise, scores, B, K, D, HAS_NOISE=centroid_noise is not None,
         DOT_FP32=blk.dot_fp32, EVEN_D=even_d, BLOCK_K=blk.block_k, BLOCK_B=blk.block_b,
-        BLOCK_D=blk.block_d)
+        BLOCK_D=blk.block_d, **blk.launch)
     block_k = triton.next_power_of_2(K)
     if select == "triton" or (select == "auto" and block_k <= _MAX_SELECT_K):
         sel = _empty((B, P), torch.int64, dev)                          # sel: [B, P] int64
@@ -310,7 +314,7 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
     _launch(_score_union_kernel, (triton.cdiv(U, blk.group), nb))(
         h, weight, offsets, token_ids, pos, union, incl, keys, cand, B, K, D, P * C, C=C,
         GROUP=blk.group, DOT_FP32=blk.dot_fp32, EVEN_D=even_d, BLOCK_B=blk.block_b,
-        BLOCK_C=blk.block_c, BLOCK_D=blk.block_d)
+        BLOCK_C=blk.block_c, BLOCK_D=blk.block_d, **blk.launch)
     if k == 1:      # one reduction instead of a 64-bit radix select
         best, where = torch.max(keys, dim=1, keepdim=True)
     else:
