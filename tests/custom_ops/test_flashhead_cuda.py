@@ -200,7 +200,8 @@ def test_cuda_graph_replay_with_new_inputs(medium, fresh_seed) -> None:
 
 
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
-def test_fullgraph_compile(medium, fresh_seed, mode) -> None:
+@pytest.mark.parametrize("B", [8, 64])        # 64: the 8-warp launches
+def test_fullgraph_compile(medium, fresh_seed, mode, B) -> None:
     torch._dynamo.reset()
     dtype, probes, k = torch.bfloat16, 64, 4
 
@@ -212,8 +213,8 @@ def test_fullgraph_compile(medium, fresh_seed, mode) -> None:
     compiled = torch.compile(head, fullgraph=True, mode=mode)
     cent, weight, offsets, token_ids = op_args(medium, dtype, probes, k)[:4]
     for _ in range(3):                              # reduce-overhead records on a later call
-        h = torch.randn(8, 512, device="cuda").to(dtype)
-        noise = gumbel(8, medium.num_clusters)
+        h = torch.randn(B, 512, device="cuda").to(dtype)
+        noise = gumbel(B, medium.num_clusters)
         ids, logits = (t.clone() for t in compiled(h, cent, weight, offsets, token_ids, noise))
         eager_ids, eager_logits = head(h, cent, weight, offsets, token_ids, noise)
         assert torch.equal(ids, eager_ids)
