@@ -21,7 +21,6 @@ from typing import Callable
 
 import torch
 
-
 METHODS = ("dense", "reference", "triton", "triton_topksel")
 
 
@@ -163,6 +162,8 @@ def print_table(rows: list[dict]) -> None:
               f"{r['gbps']:>7.0f} {r['floor_ms']:>9.4f} {union:>7} {agree:>8}")
     print("floor ms: bytes that must be read (dense: W; FlashHead: centroids + the batch's union "
           "of clusters) at the measured copy bandwidth")
+    print("union: distinct clusters selected across the batch (mean over inputs); random h is the "
+          "worst case for sharing, a real model's batch shares more clusters")
 
 
 def main(argv: list[str] | None = None) -> int:
