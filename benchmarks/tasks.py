@@ -141,12 +141,8 @@ def use_head(model: Any, head: str, fh: FlashHeadSetup | None) -> None:
         restore_dense_head(model)
     if head == "flashhead":
         assert fh is not None
-        head_module = swap_head(model, fh.assets, probes=fh.probes, k=fh.k,
-                                dense_above_rows=NEVER_DENSE, kernel=fh.kernel,
-                                check_fingerprint=False)  # checked once in prepare_flashhead
-        # generate() hands the head a last-position slice [B, 1, D] that is not contiguous, which
-        # flashhead::topk refuses; make it contiguous on this instance only.
-        head_module.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]))
+        swap_head(model, fh.assets, probes=fh.probes, k=fh.k, dense_above_rows=NEVER_DENSE,
+                  kernel=fh.kernel, check_fingerprint=False)  # checked in prepare_flashhead
 
 
 def device_name(device: str) -> str:
