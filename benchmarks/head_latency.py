@@ -34,7 +34,7 @@ class HeadLatencyConfig:
     k: int = 1
     rotations: int = 4          # distinct inputs h, one CUDA graph each, replayed in turn
     warmup_ms: int = 25
-    rep_ms: int = 200
+    rep_ms: int = 100
     # triton: the op (Triton cluster selection); triton_topksel: the same kernels with torch.topk
     # picking the clusters, to show which selection is faster on this card.
     methods: tuple[str, ...] = ("dense", "reference", "triton", "triton_topksel")
