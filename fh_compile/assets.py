@@ -26,9 +26,11 @@ class AssetError(ValueError):
 
 
 def weight_fingerprint(weight: torch.Tensor) -> str:
-    """sha256 of the LM-head weight's shape, dtype and bytes (the whole tensor, in row order)."""
-    w = weight.detach().contiguous().cpu()
-    digest = hashlib.sha256(f"{tuple(w.shape)}|{w.dtype}".encode())
+    """sha256 of the LM-head weight's shape and values, rounded to bf16 (the whole tensor, in row
+    order).  Rounding first makes one checkpoint loaded in fp32, fp16 or bf16 give one
+    fingerprint, so assets built on a CPU in fp32 serve the bf16 model on a GPU."""
+    w = weight.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
+    digest = hashlib.sha256(f"{tuple(w.shape)}|bf16".encode())
     # View as raw bytes so bf16 (which numpy cannot hold) hashes too.
     flat = w.reshape(-1).view(torch.uint8)
     step = 1 << 26

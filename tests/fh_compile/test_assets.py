@@ -170,3 +170,9 @@ def test_bad_weight_is_refused() -> None:
         build_assets(torch.ones(64, 8, dtype=torch.int64))
     with pytest.raises(ValueError, match="cluster_size"):
         build_assets(torch.randn(64, 8), cluster_size=0)
+
+
+def test_fingerprint_ignores_load_dtype(assets: FlashHeadAssets, weight: torch.Tensor) -> None:
+    # One checkpoint loaded in bf16 on the GPU and in fp32 on the CPU is one model.
+    assets.check_matches(weight.to(torch.bfloat16).float())
+    assets.check_matches(weight.to(torch.bfloat16))
