@@ -43,6 +43,7 @@ class ExportTimesConfig:
     k: int = 64
     mode: str = "reduce-overhead"  # torch.compile mode of the baseline (CUDA graphs, no autotune)
     build_iters: int = 2
+    eager_numerics: bool = True   # the CLI's default: bf16 rounded as in eager (export.aoti)
     out: Path = field(default_factory=lambda: Path("results/export_times.json"))
 
     def __post_init__(self) -> None:
@@ -105,7 +106,8 @@ def run(cfg: ExportTimesConfig) -> tuple[dict, list[dict]]:
     for name, ep in (("prefill", prefill_ep), ("decode", decode_ep)):
         check_one_flashhead_node(ep, name)
     tmp = tempfile.TemporaryDirectory(prefix="export_times_")  # the package holds 3.5 GB
-    pkg_path, aoti_s = _timed(lambda: package(decode_ep, Path(tmp.name) / "decode.aoti.pt2"))
+    pkg_path, aoti_s = _timed(lambda: package(decode_ep, Path(tmp.name) / "decode.aoti.pt2",
+                                              cfg.eager_numerics))
     print(f"torch.export: prefill {export_prefill_s:.1f} s, decode {export_decode_s:.1f} s; "
           f"AOTI decode compile {aoti_s:.1f} s", flush=True)
     meta.update(export_prefill_s=round(export_prefill_s, 2),
@@ -174,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=64, help="timed decode steps per row")
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode of the baseline")
+    p.add_argument("--aoti-fused-precision", action="store_true",
+                   help="package without emulate_precision_casts (as export.run's flag)")
     p.add_argument("--out", type=Path, default=Path("results/export_times.json"))
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -181,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
               "timing); run it on the GPU machine", file=sys.stderr)
         return 2
     cfg = ExportTimesConfig(batch=a.batch, max_seq_len=a.max_seq_len, steps=a.steps,
-                            mode=a.mode, out=a.out)
+                            mode=a.mode, eager_numerics=not a.aoti_fused_precision, out=a.out)
     meta, rows = run(cfg)
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     cfg.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

@@ -28,9 +28,19 @@ from fh_compile.decode import DecodeStep
 AOTI_PROGRAMS = ("prefill", "decode")
 
 
-def package(program: ExportedProgram, path: Path) -> Path:
+def inductor_configs(eager_numerics: bool) -> dict[str, object]:
+    """Inductor settings of a package.  eager_numerics: round every bf16/fp16 intermediate as
+    eager PyTorch does (emulate_precision_casts), so the package reproduces the eager model's
+    tokens; without it Inductor keeps fused intermediates in fp32, which (seen on a random tiny
+    bf16 Qwen2, CPU and H100) flips near-tied greedy tokens within a few steps.  No effect on
+    fp32 programs."""
+    return {"emulate_precision_casts": eager_numerics}
+
+
+def package(program: ExportedProgram, path: Path, eager_numerics: bool = True) -> Path:
     """Compile one program with AOTInductor into a .pt2 package at `path`."""
-    return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(path)))
+    return Path(torch._inductor.aoti_compile_and_package(
+        program, package_path=str(path), inductor_configs=inductor_configs(eager_numerics)))
 
 
 def load(path: str | Path):
@@ -40,7 +50,8 @@ def load(path: str | Path):
 
 def package_and_verify(step: DecodeStep, programs: dict[str, ExportedProgram], out: Path,
                        prompt: Prompt, steps: int, verify: bool,
-                       which: tuple[str, ...] = AOTI_PROGRAMS) -> list[Artifact]:
+                       which: tuple[str, ...] = AOTI_PROGRAMS,
+                       eager_numerics: bool = True) -> list[Artifact]:
     """Package `which` of the programs as out/<name>.aoti.pt2; (verify) load them and compare
     greedy tokens with the eager step.  A program not packaged runs as its torch.export program
     in the check (so a decode-only package is still verified end to end)."""
@@ -51,13 +62,14 @@ def package_and_verify(step: DecodeStep, programs: dict[str, ExportedProgram], o
     artifacts, paths = [], {}
     for name in which:
         t0 = time.perf_counter()
-        paths[name] = package(programs[name], out / f"{name}.aoti.pt2")
+        paths[name] = package(programs[name], out / f"{name}.aoti.pt2", eager_numerics)
         inputs, outputs = describe(step, name)
         artifacts.append(Artifact(
             f"{name}.aoti", "aoti", paths[name].name, inputs, outputs,
             Verification("skipped", "--no-verify"), round(time.perf_counter() - t0, 2),
             device=device, notes=[f"compiled for {device}; load with "
-                                  f"torch._inductor.aoti_load_package (no custom_ops import)"]))
+                                  f"torch._inductor.aoti_load_package (no custom_ops import)",
+                                  f"inductor_configs {inductor_configs(eager_numerics)}"]))
     if verify:
         run = {n: load(paths[n]) if n in paths else programs[n].module() for n in AOTI_PROGRAMS}
         got = greedy_tokens(run["prefill"], run["decode"], new_state(step), prompt, steps)

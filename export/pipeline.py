@@ -62,6 +62,7 @@ class ExportConfig:
     dtype: str | None = None          # None: bfloat16 on CUDA, float32 on CPU
     aoti: bool = False
     aoti_programs: tuple[str, ...] = AOTI_PROGRAMS
+    aoti_eager_numerics: bool = True  # bf16/fp16 rounded as in eager (see export.aoti)
     onnx: bool = False
     verify: bool = True
     overwrite: bool = False
@@ -167,7 +168,8 @@ def run_export(cfg: ExportConfig) -> Manifest:
     manifest.artifacts += arts
     if cfg.aoti:
         manifest.artifacts += package_and_verify(step, progs, cfg.out, prompt, cfg.steps,
-                                                      cfg.verify, cfg.aoti_programs)
+                                                 cfg.verify, cfg.aoti_programs,
+                                                 cfg.aoti_eager_numerics)
     if cfg.onnx:
         step32 = _fp32_cpu_step(model, step)
         hidden = [step32.prefill_hidden(Prompt.make(cfg.batch, cfg.prompt_len, V, "cpu", s)

@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--aoti", action="store_true", help="also write AOTInductor packages")
     p.add_argument("--aoti-programs", default="prefill,decode",
                    help="which programs --aoti packages (comma separated)")
+    p.add_argument("--aoti-fused-precision", action="store_true",
+                   help="let Inductor keep fused bf16/fp16 intermediates in fp32 (faster; the "
+                        "package's tokens may then differ from eager at near ties)")
     p.add_argument("--onnx", action="store_true", help="also write head.onnx and decode.onnx")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip reloading and comparing the artifacts with the eager model")
@@ -55,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                            k=args.k, batch=args.batch, max_seq_len=args.max_seq_len,
                            device=args.device, dtype=args.dtype, aoti=args.aoti,
                            aoti_programs=tuple(p for p in args.aoti_programs.split(",") if p),
+                           aoti_eager_numerics=not args.aoti_fused_precision,
                            onnx=args.onnx, verify=args.verify, overwrite=args.overwrite)
         manifest = run_export(cfg)
     except (ModelLoadError, AssetError, ExportCheckError, ValueError) as e:
