@@ -31,7 +31,8 @@ def conversations(name: str, data_dir: Path, seed: int = 0) -> Iterator[list[dic
     path = Path(data_dir) / _FILES[name]
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; pass --data-dir (see /work/shared/data/README.md)")
-    items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    # split("\n"), not splitlines(): MMLU-Pro text holds U+2028 and other Unicode line breaks.
+    items = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
     random.Random(seed).shuffle(items)   # MMLU-Pro is sorted by category
     for it in items:
         if name == "gsm8k":

@@ -156,6 +156,7 @@ def _save_cache(model: Any, tokenizer: Any, folder: Path, meta: dict[str, str]) 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _CACHE_MARKER).write_text(json.dumps(meta, indent=2) + "\n")
