@@ -28,6 +28,8 @@ import triton.language as tl
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
+_TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
+
 # Low 32 bits of a candidate key hold _ID_BIAS - vocab id, so a larger key means a smaller id.
 _ID_BIAS = 2**31 - 1
 # Widest centroid row the one-program-per-row Triton selection holds in registers (16 warps x
@@ -245,7 +247,10 @@ def _blocks(B: int, D: int, C: int, h_dtype: torch.dtype, w_dtype: torch.dtype) 
     compiled graph is guarded on B's range (16, 32, more), not specialized on its value.
     """
     dot_fp32 = not (h_dtype == w_dtype and h_dtype in (torch.bfloat16, torch.float16))
-    block_b = 16 if B <= 16 else 32 if B <= 32 else 64
+    # 16 rows per program at every B (more rows: more programs along the grid's second axis).
+    # Tiles of 32/64 rows failed to compile with triton 3.6 on an H100 (MLIR pass
+    # TritonGPURemoveLayoutConversions, 2026-11-26), so they are not used.
+    block_b = 16
     # Small batches: more, smaller centroid blocks so every SM streams (K=9496 -> 297 programs).
     block_k = 32 if block_b <= 16 else 64
     block_c = max(16, triton.next_power_of_2(C))
@@ -274,6 +279,15 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
     if select == "triton" and triton.next_power_of_2(centroids.shape[0]) > _MAX_SELECT_K:
         raise ValueError(f"select='triton' holds at most {_MAX_SELECT_K} clusters per row, "
                          f"got K={centroids.shape[0]}; use select='torch'")
+    if cluster_size > 16 and _TRITON_VERSION < (3, 7):
+        # Seen on an H100 with triton 3.6 (2026-11-26): a 32-row cluster tile fails in the MLIR
+        # pass TritonGPURemoveLayoutConversions.  Say so instead of crashing in the compiler.
+        from custom_ops.flashhead import FlashHeadInputError
+
+        raise FlashHeadInputError(
+            f"cluster_size={cluster_size} > 16 needs triton >= 3.7 for the Triton kernel (triton "
+            f"{triton.__version__} fails to compile it); build assets with cluster_size <= 16 "
+            f"or use FlashHeadConfig(kernel='reference')")
     B, D = h.shape
     K = centroids.shape[0]
     P, C = probes, cluster_size
