@@ -22,9 +22,8 @@ KERNELS = ("triton", "reference")
 class FlashHeadConfig:
     """probes: clusters scored exactly per row.  k: candidates kept per row (the support of
     sampling and of the logits the module returns).  dense_above_rows: rows per call above which
-    the dense head is cheaper and is used instead (None: when rows * probes * C exceeds V, i.e.
-    when even with no cluster shared the candidates could cover the vocabulary).  kernel:
-    "triton" runs torch.ops.flashhead.topk (Triton on CUDA, the reference on CPU); "reference"
+    the dense head is cheaper and is used instead (None: `default_dense_above_rows`, measured).
+    kernel: "triton" runs torch.ops.flashhead.topk (Triton on CUDA, the reference on CPU); "reference"
     calls the pure-PyTorch custom_ops.reference.flashhead_reference on any device (a baseline
     for benchmarks: Inductor compiles it like any other PyTorch code)."""
 
@@ -43,6 +42,18 @@ class FlashHeadConfig:
             raise ValueError(f"dense_above_rows must be >= 0, got {self.dense_above_rows}")
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+
+
+def default_dense_above_rows(vocab: int, probes: int, cluster_size: int) -> int:
+    """Rows per call above which the dense head is used when dense_above_rows is None.
+
+    From benchmarks/head_latency on an H100 (torch 2.11, triton 3.6, V=151,936, D=1,536, C=16,
+    bf16, random weights and h, 2026-11-26): the Triton op beat dense + argmax at B <= 16 while
+    B * probes * C <= V / 2 (B=16, probes 256: 0.174 vs 0.194 ms), and lost above (B=16,
+    probes 512: 0.198 vs 0.194 ms; B=64, probes 64: 0.331 vs 0.211 ms).  Random h shares fewer
+    clusters than a real batch does, so this errs towards dense.
+    """
+    return max(1, min(16, vocab // (2 * probes * cluster_size)))
 
 
 class FlashHeadLMHead(nn.Module):
@@ -81,7 +92,8 @@ class FlashHeadLMHead(nn.Module):
             return "dense"
         limit = self.config.dense_above_rows
         if limit is None:
-            limit = self.out_features // (self.config.probes * self.cluster_size)
+            limit = default_dense_above_rows(self.out_features, self.config.probes,
+                                             self.cluster_size)
         return "dense" if rows > limit else "flashhead"
 
     def _note_path(self, rows: int, path: str) -> None:
