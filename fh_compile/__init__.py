@@ -9,8 +9,10 @@ from fh_compile.build_assets import build_assets
 from fh_compile.compile import CompileInfo, compile_model
 from fh_compile.generate import GenerateResult, generate
 from fh_compile.head import FlashHeadConfig, FlashHeadLMHead, restore_dense_head, swap_head
+from fh_compile.loading import ModelLoadError, load_model
 from fh_compile.sampling import SamplingConfig
 
 __all__ = ["AssetError", "FlashHeadAssets", "weight_fingerprint", "build_assets",
            "FlashHeadConfig", "FlashHeadLMHead", "restore_dense_head", "swap_head",
-           "SamplingConfig", "compile_model", "CompileInfo", "generate", "GenerateResult"]
+           "SamplingConfig", "compile_model", "CompileInfo", "generate", "GenerateResult",
+           "ModelLoadError", "load_model"]
