@@ -83,7 +83,7 @@ def run(cfg: BuildTimeConfig) -> dict:
         if cfg.device == "cuda":
             torch.cuda.synchronize()
         total = time.perf_counter() - t0
-        rows.append({"repeat": rep, "total_seconds": round(total, 2),
+        rows.append({"repeat": rep, "total_seconds": round(total, 3),
                      "clustering_seconds": assets.params["build_seconds"],
                      "num_clusters": assets.num_clusters, "params": assets.params})
         print(f"repeat {rep}: {total:.1f} s total, {assets.params['build_seconds']:.1f} s clustering")

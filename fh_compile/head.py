@@ -51,9 +51,10 @@ def default_dense_above_rows(vocab: int, probes: int, cluster_size: int) -> int:
     bf16, random weights and h, 2026-11-26): the Triton op beat dense + argmax at B <= 16 while
     B * probes * C <= V / 2 (B=16, probes 256: 0.174 vs 0.194 ms), and lost above (B=16,
     probes 512: 0.198 vs 0.194 ms; B=64, probes 64: 0.331 vs 0.211 ms).  Random h shares fewer
-    clusters than a real batch does, so this errs towards dense.
+    clusters than a real batch does, so this errs towards dense.  0 when probes * C > V / 2:
+    then even one row reads most of the head, and the dense path is used.
     """
-    return max(1, min(16, vocab // (2 * probes * cluster_size)))
+    return min(16, vocab // (2 * probes * cluster_size))
 
 
 class FlashHeadLMHead(nn.Module):

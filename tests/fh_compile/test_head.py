@@ -13,6 +13,7 @@ def test_default_rule_follows_the_measured_break_even() -> None:
     assert default_dense_above_rows(151936, 256, 16) == 16
     assert default_dense_above_rows(151936, 512, 16) == 9
     assert default_dense_above_rows(151936, 4096, 16) == 1
+    assert default_dense_above_rows(275, 18, 16) == 0     # 18 probes read more than V / 2
 
 
 def test_dense_path_above_the_limit_matches_dense_logits(fresh_seed) -> None:
