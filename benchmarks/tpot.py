@@ -125,8 +125,9 @@ def group(model: torch.nn.Module, assets, heads: list[str], mode: str | None, B:
     compile_model(view, None, k=cfg.k, mode=mode, flashhead=False, max_batch_size=B, fuse=fuse,
                   max_cache_len=cfg.prompt_len + 1 + cfg.warmup + steps + 8)
     dec = view.fh_compiled
-    tok = torch.randint(0, 1000, (B,), device="cuda")
-    done = torch.zeros(B, dtype=torch.bool, device="cuda")
+    dev = dec.step.attn_mask.device
+    tok = torch.randint(0, min(1000, model.config.vocab_size), (B,), device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
     out = []
     for head in heads:
         if head == "body":
@@ -145,7 +146,8 @@ def group(model: torch.nn.Module, assets, heads: list[str], mode: str | None, B:
             prefill(dec.step, B, cfg)
             t0 = time.perf_counter()
             call()
-            torch.cuda.synchronize()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
             first = time.perf_counter() - t0
             for _ in range(cfg.warmup):
                 call()
@@ -156,8 +158,10 @@ def group(model: torch.nn.Module, assets, heads: list[str], mode: str | None, B:
 
 
 def prefill(step, B: int, cfg: TpotConfig) -> None:
-    g = torch.Generator(device="cuda").manual_seed(B)
-    step.prefill_hidden(torch.randint(0, 1000, (B, cfg.prompt_len), device="cuda", generator=g))
+    dev = step.attn_mask.device
+    g = torch.Generator(device=dev).manual_seed(B)
+    hi = min(1000, step.model.config.vocab_size)
+    step.prefill_hidden(torch.randint(0, hi, (B, cfg.prompt_len), device=dev, generator=g))
 
 
 @torch.no_grad()
