@@ -62,14 +62,36 @@ def _timed(fn: Callable[[], object]) -> tuple[object, float]:
     return out, time.perf_counter() - t0
 
 
-def tpot(step, prefill: Callable[[], object], one: Callable[[], object],
+def time_steps(fn: Callable[[], object], warmup: int, steps: int) -> tuple[list[float], float]:
+    """(per-step ms from CUDA events, seconds of the first call, which compiles or captures)."""
+    _, first_s = _timed(fn)
+    for _ in range(warmup):
+        fn()
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    events[0].record()
+    for i in range(steps):
+        fn()
+        events[i + 1].record()
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) for a, b in zip(events, events[1:])], first_s
+
+
+def step_bytes(model: torch.nn.Module, step, assets, B: int, probes: int) -> int:
+    """Byte floor of one decode step: body weights (no embedding table), the whole static KV
+    cache (an upper bound: all L slots), the centroids and B * probes clusters of head rows."""
+    body = sum(p.numel() * p.element_size() for n, p in model.base_model.named_parameters()
+               if "embed_tokens" not in n)
+    kv = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in step.cache.layers)
+    K, C, D = assets.num_clusters, assets.cluster_size, assets.hidden_size
+    return body + kv + (K + min(K, B * probes) * C) * D * assets.weight.element_size()
+
+
+def tpot(prefill: Callable[[], object], one: Callable[[], object],
          cfg: ExportTimesConfig) -> tuple[float, list[float], float]:
     """(median ms per step, raw ms, seconds of the first call) after a fresh prefill."""
-    from benchmarks.tpot import time_steps
-
     with torch.no_grad():
         prefill()
-        ms, first_s = time_steps(one, first=True, warmup=cfg.warmup, steps=cfg.steps)
+        ms, first_s = time_steps(one, cfg.warmup, cfg.steps)
     return statistics.median(ms), ms, first_s
 
 
@@ -77,7 +99,7 @@ def run(cfg: ExportTimesConfig) -> tuple[dict, list[dict]]:
     import transformers
     import triton
 
-    from benchmarks.tpot import r1_distill_qwen_1p5b, step_bytes
+    from benchmarks.tpot import r1_distill_qwen_1p5b
     from export.aoti import load, package
     from export.modules import Prefill, new_state
     from export.programs import Prompt, check_one_flashhead_node, export_decode, export_prefill
@@ -117,10 +139,10 @@ def run(cfg: ExportTimesConfig) -> tuple[dict, list[dict]]:
     rows = []
 
     def add(name: str, prefill: Callable[[], object], one: Callable[[], object]) -> None:
-        med, ms, first_s = tpot(step, prefill, one, cfg)
+        med, ms, first_s = tpot(prefill, one, cfg)
         rows.append(dict(row=name, B=cfg.batch, tpot_ms=med, tpot_ms_mean=statistics.fmean(ms),
                          first_call_s=round(first_s, 2), steps=cfg.steps,
-                         bytes=step_bytes(model, step, assets, "fh-triton", cfg.batch),
+                         bytes=step_bytes(model, step, assets, cfg.batch, cfg.probes),
                          raw_ms=[round(x, 4) for x in ms]))
         print(f"{name:<14} {med:8.3f} ms/token (first call {first_s:.1f} s)", flush=True)
 

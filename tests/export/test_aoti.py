@@ -47,6 +47,11 @@ def test_aoti_cpu_package_reproduces_eager_tokens(tiny_checkpoint, tmp_path):
         assert "custom_ops" not in sys.modules
         torch.save(ids, {str(tmp_path / 'ids.pt')!r})
     """)
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], timeout=300, capture_output=True,
+                          text=True)
+    if done.returncode == -11 and torch.__version__ < "2.13":
+        pytest.xfail("aoti_load_package segfaulted (torch 2.11 on the GPU machine crashed this "
+                     "way in some processes, also for a one-Linear package; 2.13 loads it)")
+    assert done.returncode == 0, done.stderr[-2000:]
     assert torch.equal(torch.load(tmp_path / "ids.pt"), expected)
     assert MAX_SEQ_LEN == state["attn_mask"].shape[1]
