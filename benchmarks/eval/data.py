@@ -13,7 +13,8 @@ from typing import Any, Iterator
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Searched in this order when --data-dir is not given.
-DEFAULT_DATA_DIRS = (REPO_ROOT / "shared" / "data", Path("/work/shared/data"))
+DEFAULT_DATA_DIRS = (REPO_ROOT / "shared" / "data", REPO_ROOT.parent / "shared" / "data",
+                     Path("/work/shared/data"))
 DATA_ENV = "FH_EVAL_DATA"
 
 
@@ -24,7 +25,8 @@ class DataError(FileNotFoundError):
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     """The folder holding gsm8k/, ifeval/, mmlu_pro/ and nltk_data/.
 
-    Order: the argument, then $FH_EVAL_DATA, then <repo>/shared/data, then /work/shared/data.
+    Order: the argument, then $FH_EVAL_DATA, then <repo>/shared/data, <repo>/../shared/data,
+    then /work/shared/data.
     """
     if data_dir is not None:
         candidates = [Path(data_dir)]
