@@ -307,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("results/tpot.json"))
     p.add_argument("--quick", action="store_true",
                    help="smoke run: first --batch only, 32-token prompt, 16 tokens, no "
-                        "fh-reference, mode reduce-overhead (CUDA graphs, no autotuning)")
+                        "fh-reference or fused row, mode reduce-overhead (CUDA graphs, no "
+                        "autotuning)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks.tpot needs a CUDA GPU (time per output token is measured with CUDA "
@@ -319,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         cfg = TpotConfig(model=a.model, batches=(a.batch[0],), prompt_len=min(a.prompt_len, 32),
                          new_tokens=16, rounds=1, warmup=2, eager_tokens=4, probes=a.probes,
+                         fused_check=False,
                          heads=tuple(h for h in a.heads if h != "fh-reference"),
                          mode=a.mode or "reduce-overhead",
                          budget_s=a.budget_s, out=a.out)
