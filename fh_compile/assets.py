@@ -164,7 +164,7 @@ class FlashHeadAssets:
         try:
             save_file(tensors, str(tmp_path))
             header = self.header()
-            header["tensors_sha256"] = _file_sha256(tmp_path)
+            header["tensors_sha256"] = file_sha256(tmp_path)
             os.replace(tmp_path, out / TENSORS_FILE)
         finally:
             tmp_path.unlink(missing_ok=True)
@@ -192,7 +192,7 @@ class FlashHeadAssets:
         if header.get("format_version") != FORMAT_VERSION:
             raise AssetError(f"{hdr_path} has format_version {header.get('format_version')}, this "
                              f"version of fh_compile reads {FORMAT_VERSION}; rebuild the assets")
-        if verify_checksum and header.get("tensors_sha256") != _file_sha256(ten_path):
+        if verify_checksum and header.get("tensors_sha256") != file_sha256(ten_path):
             raise AssetError(f"{ten_path} does not match the checksum in {hdr_path} (truncated or "
                              f"edited file); rebuild the assets")
         try:
@@ -217,7 +217,8 @@ class FlashHeadAssets:
         return assets
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 16 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):

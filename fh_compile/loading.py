@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from fh_compile.assets import file_sha256
+
 DEFAULT_CACHE = Path("~/.cache/fh-models/hf")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _CACHE_MARKER = "fh_cache.json"
@@ -120,7 +122,7 @@ def _load_gguf(src: ModelSpec, dtype: torch.dtype, cache_root: Path | None) -> t
 
     cached = None
     if cache_root is not None:
-        sha = _file_sha256(src.gguf_path)
+        sha = file_sha256(src.gguf_path)
         cached = cache_root / f"{src.gguf_path.stem}-{sha[:12]}" / str(dtype).removeprefix("torch.")
         marker = cached / _CACHE_MARKER
         if marker.is_file() and json.loads(marker.read_text()).get("sha256") == sha:
@@ -253,11 +255,4 @@ def _safetensors_head(folder: Path) -> torch.Tensor | None:
     return None
 
 
-def _file_sha256(path: Path) -> str:
-    import hashlib
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
