@@ -106,9 +106,11 @@ def clusterings(cfg: FidelityConfig, weight: torch.Tensor, fp: str
         assets.check_matches(weight.to(assets.weight.dtype))
         return [(f"assets:{Path(cfg.assets).name}", assets)]
     found = []
+    code = _clustering_code_hash()    # a cached clustering is stale once the algorithm changes
     for spec in cfg.clusterings:
         iters, refine = (int(p) for p in spec.split(":"))
-        folder = Path(cfg.cache_dir) / f"assets-{fp[:12]}-C{cfg.cluster_size}-i{iters}-r{refine}-s{cfg.seed}"
+        folder = (Path(cfg.cache_dir) /
+                  f"assets-{fp[:12]}-C{cfg.cluster_size}-i{iters}-r{refine}-s{cfg.seed}-{code}")
         try:
             assets = FlashHeadAssets.load(folder)
             assets.check_matches(weight, fp)
@@ -125,6 +127,15 @@ def clusterings(cfg: FidelityConfig, weight: torch.Tensor, fp: str
         cfg.builds.append({"clustering": f"i{iters}:r{refine}", "params": assets.params})
         found.append((f"i{iters}:r{refine}", assets))
     return found
+
+
+def _clustering_code_hash() -> str:
+    import hashlib
+    import inspect
+
+    from fh_compile import build_assets as ba, clustering
+    src = inspect.getsource(clustering) + inspect.getsource(ba)
+    return hashlib.sha256(src.encode()).hexdigest()[:8]
 
 
 def run(cfg: FidelityConfig) -> dict:
@@ -145,16 +156,17 @@ def run(cfg: FidelityConfig) -> dict:
         t0 = time.perf_counter()
         all_stats = position_stats(hs.h, weight, [v[2] for v in variants], cfg.probes, TEMPERATURES)
         print(f"{name}: metrics for {len(variants)} variants in {time.perf_counter() - t0:.0f} s")
+        everywhere = torch.ones_like(hs.is_answer)
         for (label, mode, _), stats in zip(variants, all_stats):
-            for subset, mask in (("all", None), ("answer", hs.is_answer)):
-                if mask is not None and not bool(mask.any()):
+            for subset, mask in (("all", everywhere), ("answer", hs.is_answer)):
+                if not bool(mask.any()):
                     continue
-                st = stats if mask is None else stats.subset(mask)
+                st = stats.subset(mask)
+                hit = (st.dense_top1 == hs.next_ids[mask]).float().mean()
                 common = {"dataset": name, "positions_subset": subset, "clustering": label,
                           "centroid_mode": mode,
                           "probes_for_agreement_0.99": probes_for_agreement(st, 0.99),
-                          "dense_next_token_accuracy":
-                              float((st.dense_top1 == hs.next_ids[mask if mask is not None else slice(None)]).float().mean())}
+                          "dense_next_token_accuracy": float(hit)}
                 rows += [{**common, **r} for r in summarize(st, V, cfg.cluster_size)]
                 if subset == "all":
                     curves.append((name, label, mode, st))

@@ -38,14 +38,16 @@ def centroids_for(weight_sorted: torch.Tensor, offsets: torch.Tensor, mode: str)
 
 def build_assets(weight: torch.Tensor, *, cluster_size: int = 16, centroid_mode: str = "mean",
                  coarse_iters: int = 12, fine_iters: int = 12, refine_iters: int = 3,
-                 groups: int | None = None, seed: int = 0,
-                 fingerprint: str | None = None) -> FlashHeadAssets:
+                 groups: int | None = None, seed: int = 0, fingerprint: str | None = None,
+                 refine_metric: str | None = None) -> FlashHeadAssets:
     """Cluster the rows of an LM-head weight [V, D] and return FlashHead assets.
 
     Balanced spherical k-means (see fh_compile.clustering: exact capacities enforced in every
     assignment round; two levels, then flat refinement).  Every cluster holds `cluster_size` rows except that, when V is
     not divisible, the last clusters hold one fewer.  Rows are reordered cluster by cluster (by
     vocabulary id inside a cluster).  Runs on weight's device; the result stays there.
+    refine_metric (None: the one that matches centroid_mode) is "euclidean" for "mean" scoring
+    and "cosine" for "normalized" scoring (see fh_compile.clustering).
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be [V, D], got shape {tuple(weight.shape)}")
@@ -53,9 +55,13 @@ def build_assets(weight: torch.Tensor, *, cluster_size: int = 16, centroid_mode:
         raise TypeError(f"weight must be a floating tensor, got {weight.dtype}")
     if cluster_size > weight.shape[0]:
         raise ValueError(f"cluster_size {cluster_size} exceeds the vocabulary size {weight.shape[0]}")
+    if centroid_mode not in CENTROID_MODES:
+        raise ValueError(f"centroid_mode must be one of {CENTROID_MODES}, got {centroid_mode!r}")
+    if refine_metric is None:
+        refine_metric = "euclidean" if centroid_mode == "mean" else "cosine"
     cfg = ClusterConfig(cluster_size=cluster_size, coarse_iters=coarse_iters,
                         fine_iters=fine_iters, refine_iters=refine_iters, groups=groups,
-                        seed=seed)
+                        seed=seed, refine_metric=refine_metric)
     weight = weight.detach()
     t0 = time.perf_counter()
     cluster = cluster_rows(weight, cfg)                                 # [V] int64
@@ -66,7 +72,8 @@ def build_assets(weight: torch.Tensor, *, cluster_size: int = 16, centroid_mode:
     weight_sorted = weight[order].contiguous()
     params = {"centroid_mode": centroid_mode, "coarse_iters": coarse_iters,
               "fine_iters": fine_iters, "refine_iters": refine_iters, "groups": groups,
-              "seed": seed, "algorithm": "two-level balanced spherical k-means + flat refinement",
+              "refine_metric": refine_metric, "seed": seed,
+              "algorithm": "two-level balanced spherical k-means + flat refinement",
               "build_seconds": round(time.perf_counter() - t0, 3),
               "build_device": str(weight.device)}
     return FlashHeadAssets(

@@ -12,6 +12,13 @@ k-means (unit-norm rows, cosine similarity, unit-norm centroids) with the balanc
 Work per iteration is O(V * (G + K/G) * D) instead of O(V * K * D).  A few flat refinement
 iterations follow (each row choosing among its few nearest centroids of all K, same balanced
 rounds), so that natural clusters cut by a group boundary can re-form.
+
+The refinement metric matters for retrieval.  FlashHead's default ("mean") scoring vector is the
+mean of a cluster's raw rows, so h . c is the cluster's mean logit, and a token is missed when its
+logit sits far above that mean.  For h of spread s the gap h . (w - c) has spread ~ s * |w - c|, so
+the refinement that matches mean scoring minimizes the Euclidean |w - c| of raw rows (norms kept),
+not the cosine of unit rows: refine_metric="euclidean".  Measured on Qwen2.5-Coder-1.5B (6,000 real
+positions, C = 16): probes needed for 99% top-1 agreement fell from ~450 (cosine) to ~270-310.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ import torch
 from tqdm.auto import tqdm
 
 
+REFINE_METRICS = ("euclidean", "cosine")
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     cluster_size: int = 16
@@ -31,6 +41,7 @@ class ClusterConfig:
     groups: int | None = None  # None: round(sqrt(K))
     refine_iters: int = 3      # flat balanced iterations over all K clusters after two levels
     refine_candidates: int = 8  # centroids each row considers in a refinement iteration
+    refine_metric: str = "euclidean"  # "euclidean" (raw rows; for mean scoring) or "cosine"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -40,6 +51,9 @@ class ClusterConfig:
             raise ValueError("coarse_iters and fine_iters must be >= 1")
         if self.refine_iters < 0 or self.refine_candidates < 1:
             raise ValueError("refine_iters must be >= 0 and refine_candidates >= 1")
+        if self.refine_metric not in REFINE_METRICS:
+            raise ValueError(f"refine_metric must be one of {REFINE_METRICS}, got "
+                             f"{self.refine_metric!r}")
         if self.groups is not None and self.groups < 1:
             raise ValueError(f"groups must be >= 1, got {self.groups}")
 
@@ -92,16 +106,21 @@ def balanced_assign(sim: torch.Tensor, caps: torch.Tensor, valid: torch.Tensor) 
 
 
 def balanced_assign_sparse(x: torch.Tensor, cent: torch.Tensor, sizes: torch.Tensor,
-                           candidates: int, chunk: int = 8192) -> torch.Tensor:
+                           candidates: int, chunk: int = 8192,
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
     """Flat balanced assignment of all V rows to all K clusters, each row considering only its
     `candidates` most similar centroids (rows left over when all of those are full are placed
     by a dense balanced_assign against the clusters that still have room).
 
     x [V, D] unit rows, cent [K, D] unit centroids, sizes [K] -> assign [V] int64
+    bias [K] or None: added to every similarity (with bias = -|c|^2 / 2 and raw rows and
+    centroids, ranking by x . c + bias is ranking by -|x - c|^2 / 2: Euclidean assignment)
     """
     V, K = x.shape[0], cent.shape[0]
+    b = torch.zeros(K, dtype=x.dtype, device=x.device) if bias is None else bias.to(x.dtype)
     m = min(candidates, K)
-    top = [torch.topk(x[i:i + chunk] @ cent.t(), m, dim=1) for i in range(0, V, chunk)]
+    top = [torch.topk(torch.addmm(b, x[i:i + chunk], cent.t()), m, dim=1)
+           for i in range(0, V, chunk)]
     cand_sim = torch.cat([t.values for t in top])                       # [V, m]
     cand_idx = torch.cat([t.indices for t in top])
     assign = torch.full((V,), -1, dtype=torch.int64, device=x.device)
@@ -119,7 +138,7 @@ def balanced_assign_sparse(x: torch.Tensor, cent: torch.Tensor, sizes: torch.Ten
     left = (assign < 0).nonzero().squeeze(1)
     if left.numel():
         room = (remaining > 0).nonzero().squeeze(1)
-        sim = (x[left] @ cent[room].t()).unsqueeze(0)
+        sim = torch.addmm(b[room], x[left], cent[room].t()).unsqueeze(0)
         local = balanced_assign(sim, remaining[room].unsqueeze(0),
                                 torch.ones(1, left.numel(), dtype=torch.bool, device=x.device))
         assign[left] = room[local[0]]
@@ -184,6 +203,12 @@ def _centroids(x: torch.Tensor, assign: torch.Tensor, M: int) -> torch.Tensor:
     return torch.nn.functional.normalize(sums[:, :M], dim=-1)
 
 
+def _mean_rows(rows: torch.Tensor, cluster: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Raw mean [K, D] of the rows [V, D] of each cluster (sizes [K] = the cluster populations)."""
+    sums = torch.zeros(sizes.numel(), rows.shape[1], dtype=rows.dtype, device=rows.device)
+    return sums.index_add_(0, cluster, rows) / sizes.clamp(min=1).unsqueeze(1).to(rows.dtype)
+
+
 def cluster_rows(weight: torch.Tensor, cfg: ClusterConfig) -> torch.Tensor:
     """Cluster the rows of `weight` [V, D]; returns the cluster id [V] int64 of every row.
 
@@ -222,9 +247,17 @@ def cluster_rows(weight: torch.Tensor, cfg: ClusterConfig) -> torch.Tensor:
     cluster[rows[valid]] = (bounds[:-1].unsqueeze(1) + local)[valid]
 
     # Level 3: flat refinement, so that natural clusters split by a group boundary can re-form.
+    # Euclidean: raw rows, raw mean centroids, similarity x . c - |c|^2 / 2.
+    euclid = cfg.refine_metric == "euclidean"
+    rows_r = weight.float() if euclid else x
     for _ in tqdm(range(cfg.refine_iters), desc="flat refinement", leave=False):
-        cent = _centroids(x.unsqueeze(0), cluster.unsqueeze(0), K)[0]
-        new_cluster = balanced_assign_sparse(x, cent, sizes, cfg.refine_candidates)
+        if euclid:
+            cent = _mean_rows(rows_r, cluster, sizes)
+            bias = -0.5 * (cent * cent).sum(1)
+        else:
+            cent, bias = _centroids(x.unsqueeze(0), cluster.unsqueeze(0), K)[0], None
+        new_cluster = balanced_assign_sparse(rows_r, cent, sizes, cfg.refine_candidates,
+                                             bias=bias)
         if torch.equal(new_cluster, cluster):
             break
         cluster = new_cluster
