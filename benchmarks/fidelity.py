@@ -7,7 +7,7 @@ recall, and total variation of the sampling distribution, per data set and probe
 Hidden states are the LM head's inputs under teacher forcing (benchmarks.fidelity_data) and are
 cached as safetensors under --cache-dir, so a re-run only redoes the metrics.  Without --assets the
 benchmark builds one clustering per --clusterings entry (k-means iterations per level : flat
-refinement iterations), caches the assets under --cache-dir, and scores each with every
+refinement iterations [: refinement metric]), caches the assets under --cache-dir, and scores each with every
 --centroid-modes scoring vector (same clustering, centroids recomputed with centroids_for).
 Metric definitions: benchmarks.fidelity_metrics.  The dense reference is h @ W^T in fp32 with W the
 head weight from load_lm_head_weight (fp32 dequantized for a GGUF).
@@ -67,8 +67,10 @@ class FidelityConfig:
                 raise ValueError(f"unknown centroid mode {m!r}; choose from {CENTROID_MODES}")
         for c in self.clusterings:
             parts = c.split(":")
-            if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[0]) < 1:
-                raise ValueError(f"--clusterings entries are ITERS:REFINE (e.g. 12:3), got {c!r}")
+            if (len(parts) not in (2, 3) or not all(p.isdigit() for p in parts[:2])
+                    or int(parts[0]) < 1 or parts[2:] not in ([], ["euclidean"], ["cosine"])):
+                raise ValueError(f"--clusterings entries are ITERS:REFINE[:euclidean|cosine] "
+                                 f"(e.g. 12:3), got {c!r}")
         if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
             raise ValueError(f"--dtype must name a torch dtype (bfloat16, float32), got {self.dtype}")
 
@@ -108,24 +110,27 @@ def clusterings(cfg: FidelityConfig, weight: torch.Tensor, fp: str
     found = []
     code = _clustering_code_hash()    # a cached clustering is stale once the algorithm changes
     for spec in cfg.clusterings:
-        iters, refine = (int(p) for p in spec.split(":"))
-        folder = (Path(cfg.cache_dir) /
-                  f"assets-{fp[:12]}-C{cfg.cluster_size}-i{iters}-r{refine}-s{cfg.seed}-{code}")
+        iters, refine, *metric = spec.split(":")
+        iters, refine, metric = int(iters), int(refine), (metric or ["euclidean"])[0]
+        label = f"i{iters}:r{refine}" + ("" if metric == "euclidean" else f":{metric}")
+        folder = (Path(cfg.cache_dir) / f"assets-{fp[:12]}-C{cfg.cluster_size}-i{iters}-r{refine}"
+                                        f"-{metric}-s{cfg.seed}-{code}")
         try:
             assets = FlashHeadAssets.load(folder)
             assets.check_matches(weight, fp)
-            print(f"clustering i{iters} r{refine}: cached in {folder}")
+            print(f"clustering {label}: cached in {folder}")
         except AssetError:
             t0 = time.perf_counter()
             assets = build_assets(weight, cluster_size=cfg.cluster_size, centroid_mode="mean",
                                   coarse_iters=iters, fine_iters=iters, refine_iters=refine,
+                                  refine_metric=metric,
                                   seed=cfg.seed, fingerprint=fp)
             seconds = time.perf_counter() - t0
             assets.params["build_total_seconds"] = round(seconds, 1)
             assets.save(folder)
-            print(f"clustering i{iters} r{refine}: built in {seconds:.0f} s -> {folder}")
-        cfg.builds.append({"clustering": f"i{iters}:r{refine}", "params": assets.params})
-        found.append((f"i{iters}:r{refine}", assets))
+            print(f"clustering {label}: built in {seconds:.0f} s -> {folder}")
+        cfg.builds.append({"clustering": label, "params": assets.params})
+        found.append((label, assets))
     return found
 
 
@@ -241,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probes", type=int, nargs="+", default=[32, 64, 128, 256, 512])
     p.add_argument("--datasets", nargs="+", default=list(fd.DATASETS))
     p.add_argument("--clusterings", nargs="+", default=["12:3", "4:3"],
-                   help="ITERS:REFINE per clustering to build (k-means iters per level : flat refinement iters)")
+                   help="ITERS:REFINE[:METRIC] per clustering to build: k-means iterations per "
+                        "level, flat refinement iterations, refinement metric (euclidean|cosine)")
     p.add_argument("--centroid-modes", nargs="+", default=list(CENTROID_MODES))
     p.add_argument("--dtype", default="bfloat16", help="model dtype for the hidden states")
     p.add_argument("--max-len", type=int, default=1024)
