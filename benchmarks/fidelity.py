@@ -219,19 +219,26 @@ def plot(result: dict, png: Path, max_probes: int) -> None:
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    curves = result["_curves"]
+    names = list(dict.fromkeys(c[0] for c in curves))
+    labels = list(dict.fromkeys(c[1] for c in curves))
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4), sharey=True, squeeze=False)
     xs = torch.arange(1, max_probes + 1)
-    for name, label, mode, st in result["_curves"]:
-        r0 = st.topk_rank[:, 0]
-        ys = (r0.unsqueeze(0) < xs.unsqueeze(1)).float().mean(1)
-        ax.plot(xs, ys, label=f"{name} {label} {mode}", linestyle="-" if mode == "mean" else "--")
-    ax.axhline(0.99, color="grey", linewidth=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("probed clusters P")
-    ax.set_ylabel("top-1 agreement with dense head")
-    ax.set_ylim(0.8, 1.001)
-    ax.set_title(Path(result["model"]).name, fontsize=9)
-    ax.legend(fontsize=7)
+    for ax, name in zip(axes[0], names):
+        for _, label, mode, st in (c for c in curves if c[0] == name):
+            ys = (st.topk_rank[:, 0].unsqueeze(0) < xs.unsqueeze(1)).float().mean(1)
+            ax.plot(xs, ys, color=f"C{labels.index(label)}", label=f"{label} {mode}",
+                    linestyle="-" if mode == "mean" else "--", linewidth=1.2)
+        ax.axhline(0.99, color="grey", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlim(8, max_probes)
+        ax.set_ylim(0.85, 1.001)
+        ax.set_xlabel("probed clusters P")
+        ax.set_title(f"{name} ({st.topk_rank.shape[0]} positions)", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("top-1 agreement with the dense head")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(Path(result["model"]).name, fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     print(f"wrote {png}")
