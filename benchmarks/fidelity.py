@@ -40,6 +40,7 @@ class FidelityConfig:
     model: str
     assets: str | None = None
     tokens: int = 2000                         # positions per data set
+    per_item: int | None = 64                  # at most this many positions per conversation
     probes: tuple[int, ...] = (32, 64, 128, 256, 512)
     datasets: tuple[str, ...] = fd.DATASETS
     clusterings: tuple[str, ...] = ("12:3", "4:3")  # "iters:refine_iters"
@@ -55,6 +56,8 @@ class FidelityConfig:
     builds: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.per_item is not None and self.per_item < 1:
+            raise ValueError(f"--per-item must be >= 1, got {self.per_item}")
         if self.tokens < 1:
             raise ValueError(f"--tokens must be >= 1, got {self.tokens}")
         if not self.probes or min(self.probes) < 1:
@@ -81,7 +84,8 @@ def hidden_sets(cfg: FidelityConfig, head_fp: str) -> dict[str, fd.HiddenSet]:
     out = {}
     for name in cfg.datasets:
         meta = {"model": cfg.model, "head": head_fp, "dataset": name, "positions": cfg.tokens,
-                "max_len": cfg.max_len, "seed": cfg.seed, "dtype": cfg.dtype, "version": 1}
+                "max_len": cfg.max_len, "seed": cfg.seed, "dtype": cfg.dtype,
+                "per_item": cfg.per_item, "version": 2}
         path = Path(cfg.cache_dir) / f"hidden-{name}-{fd.cache_key(meta)}.safetensors"
         hs = fd.load_hidden(path, meta)
         if hs is None:
@@ -92,7 +96,7 @@ def hidden_sets(cfg: FidelityConfig, head_fp: str) -> dict[str, fd.HiddenSet]:
                 print(f"loaded {cfg.model} in {time.perf_counter() - t0:.0f} s")
             t0 = time.perf_counter()
             hs = fd.collect_hidden(model, tok, name, Path(cfg.data_dir), cfg.tokens,
-                                   cfg.max_len, cfg.seed)
+                                   cfg.max_len, cfg.seed, per_item=cfg.per_item)
             fd.save_hidden(path, hs, meta)
             print(f"{name}: {hs.h.shape[0]} positions from {int(hs.item.max()) + 1} items in "
                   f"{time.perf_counter() - t0:.0f} s -> {path}")
@@ -251,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--assets", help="evaluate these FlashHead assets instead of building")
     p.add_argument("--tokens", type=int, default=2000, help="positions per data set")
     p.add_argument("--probes", type=int, nargs="+", default=[32, 64, 128, 256, 512])
+    p.add_argument("--per-item", type=int, default=64,
+                   help="at most this many positions per conversation (0: all)")
     p.add_argument("--datasets", nargs="+", default=list(fd.DATASETS))
     p.add_argument("--clusterings", nargs="+", default=["12:3", "4:3"],
                    help="ITERS:REFINE[:METRIC] per clustering to build: k-means iterations per "
@@ -265,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     cfg = FidelityConfig(model=a.model, assets=a.assets, tokens=a.tokens, probes=tuple(a.probes),
+                         per_item=a.per_item or None,
                          datasets=tuple(a.datasets), clusterings=tuple(a.clusterings),
                          centroid_modes=tuple(a.centroid_modes), dtype=a.dtype, max_len=a.max_len,
                          seed=a.seed, data_dir=a.data_dir, cache_dir=a.cache_dir, out=a.out,

@@ -81,8 +81,13 @@ class HiddenSet:
 
 
 def collect_hidden(model: Any, tokenizer: Any, name: str, data_dir: Path, positions: int,
-                   max_len: int = 1024, seed: int = 0, prefix_probe: int = 8) -> HiddenSet:
+                   max_len: int = 1024, seed: int = 0, prefix_probe: int = 8,
+                   per_item: int | None = None) -> HiddenSet:
     """Teacher-forced final hidden states (after the final norm: the LM head's input).
+
+    per_item caps the positions kept per conversation (a seeded random subset), so that a fixed
+    budget covers more conversations: positions of one text are strongly correlated (one rare
+    token repeated through one item can decide a tail metric).
 
     Runs the decoder (`model.base_model`) one conversation at a time, so there is no padding;
     its last_hidden_state is exactly what lm_head receives (tests check lm_head(h) == logits).
@@ -94,6 +99,7 @@ def collect_hidden(model: Any, tokenizer: Any, name: str, data_dir: Path, positi
     hs, nxt, ans, item = [], [], [], []
     n, i = 0, 0
     decoder = model.base_model
+    gen = torch.Generator().manual_seed(seed)
     while n < positions:
         enc = next(todo, None)
         if enc is None:
@@ -103,7 +109,11 @@ def collect_hidden(model: Any, tokenizer: Any, name: str, data_dir: Path, positi
                 break
         ids, answer_start = enc
         ids = ids[:max_len]
-        keep = torch.arange(max(skip - 1, 0), len(ids) - 1)[: positions - n]   # predicts ids[i + 1]
+        keep = torch.arange(max(skip - 1, 0), len(ids) - 1)            # keep[j] predicts ids[j + 1]
+        if per_item is not None and keep.numel() > per_item:
+            pick = torch.randperm(keep.numel(), generator=gen)[:per_item].sort().values
+            keep = keep[pick]
+        keep = keep[: positions - n]
         if keep.numel():
             with torch.inference_mode():
                 out = decoder(input_ids=torch.tensor([ids], device=model.device), use_cache=False)

@@ -100,6 +100,9 @@ def test_collect_hidden_is_lm_head_input(tiny_hf_untied, tmp_path):
     torch.testing.assert_close(lm_head_of(model)(hs.h[first]), logits[len(ids) - 1 - n0:len(ids) - 1])
     assert hs.next_ids[first].tolist() == ids[len(ids) - n0:]
     assert hs.is_answer[first].tolist() == [j >= start for j in range(len(ids) - n0, len(ids))]
+    capped = fidelity_data.collect_hidden(model, tok, "gsm8k", tmp_path, positions=50, per_item=5)
+    assert capped.h.shape[0] == 50 and int(torch.bincount(capped.item).max()) <= 5
+    assert int(capped.item.max()) > int(hs.item.max())
 
 
 def test_main_end_to_end_and_cache(tiny_hf_untied, tmp_path, capsys):
