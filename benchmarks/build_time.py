@@ -1,7 +1,7 @@
 """How long does building FlashHead assets take?  (build_assets on a [V, D] head, CPU or CUDA.)
 
     python -m benchmarks.build_time [--model PATH | --random] [--device cpu|cuda]
-        [--vocab 151936 --hidden 1536] [--iters 12] [--refine 3] [--out results/build_time.json]
+        [--vocab 151936 --hidden 1536] [--iters 12] [--refine 6] [--out results/build_time.json]
 
 --random (the default) times random N(0, 0.02) weights of the given shape (Qwen2.5-1.5B /
 DeepSeek-R1-Distill-Qwen-1.5B: V=151936, D=1536); --model times the real LM head of a checkpoint
@@ -34,7 +34,7 @@ class BuildTimeConfig:
     device: str = "cpu"
     cluster_size: int = 16
     iters: int = 12
-    refine: int = 3
+    refine: int = 6
     centroid_mode: str = "mean"
     repeats: int = 1
     threads: int = 2
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--cluster-size", type=int, default=16)
     p.add_argument("--iters", type=int, default=12, help="k-means iterations per level")
-    p.add_argument("--refine", type=int, default=3, help="flat refinement iterations")
+    p.add_argument("--refine", type=int, default=6, help="flat refinement iterations")
     p.add_argument("--centroid-mode", default="mean")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)

@@ -43,7 +43,7 @@ class FidelityConfig:
     per_item: int | None = 64                  # at most this many positions per conversation
     probes: tuple[int, ...] = (32, 64, 128, 256, 512)
     datasets: tuple[str, ...] = fd.DATASETS
-    clusterings: tuple[str, ...] = ("12:3", "4:3")  # "iters:refine_iters"
+    clusterings: tuple[str, ...] = ("12:6", "12:3")  # "iters:refine_iters[:metric]"
     centroid_modes: tuple[str, ...] = CENTROID_MODES
     cluster_size: int = 16
     dtype: str = "bfloat16"                    # model dtype for the hidden states
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-item", type=int, default=64,
                    help="at most this many positions per conversation (0: all)")
     p.add_argument("--datasets", nargs="+", default=list(fd.DATASETS))
-    p.add_argument("--clusterings", nargs="+", default=["12:3", "4:3"],
+    p.add_argument("--clusterings", nargs="+", default=["12:6", "12:3"],
                    help="ITERS:REFINE[:METRIC] per clustering to build: k-means iterations per "
                         "level, flat refinement iterations, refinement metric (euclidean|cosine)")
     p.add_argument("--centroid-modes", nargs="+", default=list(CENTROID_MODES))

@@ -37,7 +37,7 @@ def centroids_for(weight_sorted: torch.Tensor, offsets: torch.Tensor, mode: str)
 
 
 def build_assets(weight: torch.Tensor, *, cluster_size: int = 16, centroid_mode: str = "mean",
-                 coarse_iters: int = 12, fine_iters: int = 12, refine_iters: int = 3,
+                 coarse_iters: int = 12, fine_iters: int = 12, refine_iters: int = 6,
                  groups: int | None = None, seed: int = 0, fingerprint: str | None = None,
                  refine_metric: str | None = None) -> FlashHeadAssets:
     """Cluster the rows of an LM-head weight [V, D] and return FlashHead assets.
