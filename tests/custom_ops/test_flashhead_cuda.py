@@ -13,23 +13,13 @@ import triton
 from custom_ops import FlashHeadInputError, flashhead_triton
 from custom_ops.reference import flashhead_reference
 from fh_compile.build_assets import build_assets
+from triton_poison import poison, poisoned_empty  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.cuda
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Both sides compute in fp32 from the same dtype-rounded inputs; only the summation order
 # differs, so the tolerance is fp32's, scaled by sqrt(D)-sized logits.
 ATOL = {torch.bfloat16: 2e-3, torch.float16: 2e-3, torch.float32: 2e-3}
-
-
-def poisoned_empty(shape, dtype, device):
-    if dtype.is_floating_point:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.full(shape, torch.iinfo(dtype).max, dtype=dtype, device=device)
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(flashhead_triton, "_empty", poisoned_empty)
 
 
 def make_assets(V: int, D: int, C: int = 16):

@@ -27,21 +27,10 @@ from custom_ops import flashhead_triton  # noqa: E402
 from custom_ops.flashhead_triton import triton_topk  # noqa: E402
 from custom_ops.reference import flashhead_reference  # noqa: E402
 from fh_compile.build_assets import build_assets  # noqa: E402
+from triton_poison import poison, poisoned_empty  # noqa: E402,F401 (autouse fixture)
 
 pytestmark = pytest.mark.interpret
 V, D, C = 1003, 96, 16  # V does not divide by C: the last clusters hold 15 rows
-
-
-def poisoned_empty(shape, dtype, device):
-    """Scratch buffers full of values that break the result if any element goes unwritten."""
-    if dtype.is_floating_point:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.full(shape, torch.iinfo(dtype).max, dtype=dtype, device=device)
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(flashhead_triton, "_empty", poisoned_empty)
 
 
 @pytest.fixture(scope="module")
