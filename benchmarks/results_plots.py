@@ -43,26 +43,33 @@ def plot(name: str, meta: dict[str, Any], rows: list[dict[str, Any]], folder: Pa
         plt.close(fig)
 
 
+def _series_plot(ax: Any, points: list[tuple[str, float, float]], xlabel: str, ylabel: str,
+                 max_legend: int) -> bool:
+    """One line per label through its (x, y) points, x on a log2 axis; legend if few lines."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for label, x, y in points:
+        series.setdefault(label, []).append((x, y))
+    for label, pts in series.items():
+        pts.sort()
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if len(series) <= max_legend:
+        ax.legend(fontsize=7)
+    return True
+
+
 def _fidelity(ax: Any, rows: list[dict[str, Any]]) -> bool:
     rows = [r for r in rows if r.get("positions_subset", "all") == "all"
             and isinstance(r.get("probes"), int) and r.get("top1_agreement") is not None]
     if not rows:
         return False
     groups = [k for k in ("dataset", "clustering", "centroid_mode") if k in rows[0]]
-    series: dict[str, list[tuple[int, float]]] = {}
-    for r in rows:
-        series.setdefault(" ".join(str(r[g]) for g in groups), []).append(
-            (r["probes"], r["top1_agreement"]))
-    for label, pts in series.items():
-        pts.sort()
-        ax.plot([p for p, _ in pts], [a for _, a in pts], marker="o", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("probes (clusters scored)")
-    ax.set_ylabel("top-1 agreement with dense")
-    ax.grid(alpha=0.3)
-    if len(series) <= 8:
-        ax.legend(fontsize=7)
-    return True
+    return _series_plot(ax, [(" ".join(str(r[g]) for g in groups), r["probes"],
+                              r["top1_agreement"]) for r in rows],
+                        "probes (clusters scored)", "top-1 agreement with dense", 8)
 
 
 def _tasks(ax: Any, rows: list[dict[str, Any]]) -> bool:
@@ -92,21 +99,10 @@ def _speedup(ax: Any, rows: list[dict[str, Any]]) -> bool:
     rows = [r for r in rows if r.get("speedup") is not None and r.get("method", "x") != "dense"]
     if bkey is None or not rows:
         return False
-    series: dict[str, list[tuple[float, float]]] = {}
-    for r in rows:
-        label = " ".join(f"{k}={r[k]}" for k in ("method", "probes") if r.get(k) is not None)
-        series.setdefault(label or "FlashHead", []).append((r[bkey], r["speedup"]))
-    for label, pts in series.items():
-        pts.sort()
-        ax.plot([b for b, _ in pts], [s for _, s in pts], marker="o", label=label)
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("speedup over dense (x)")
-    ax.grid(alpha=0.3)
-    if len(series) <= 10:
-        ax.legend(fontsize=7)
-    return True
+    points = [(" ".join(f"{k}={r[k]}" for k in ("method", "probes") if r.get(k) is not None)
+               or "FlashHead", r[bkey], r["speedup"]) for r in rows]
+    return _series_plot(ax, points, "batch size", "speedup over dense (x)", 10)
 
 
 def _tpot(ax: Any, rows: list[dict[str, Any]]) -> bool:
@@ -114,17 +110,5 @@ def _tpot(ax: Any, rows: list[dict[str, Any]]) -> bool:
             and r.get("B") is not None and r.get("head")]
     if not rows:
         return False
-    series: dict[str, list[tuple[float, float]]] = {}
-    for r in rows:
-        series.setdefault(f"{r.get('exec', '')} {r['head']}".strip(), []).append(
-            (r["B"], r["tpot_ms"]))
-    for label, pts in series.items():
-        pts.sort()
-        ax.plot([b for b, _ in pts], [t for _, t in pts], marker="o", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("ms per output token")
-    ax.grid(alpha=0.3)
-    if len(series) <= 10:
-        ax.legend(fontsize=7)
-    return True
+    points = [(f"{r.get('exec', '')} {r['head']}".strip(), r["B"], r["tpot_ms"]) for r in rows]
+    return _series_plot(ax, points, "batch size", "ms per output token", 10)
