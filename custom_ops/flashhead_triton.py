@@ -6,16 +6,17 @@ k returned candidates.
 
 Pipeline of `triton_topk` (every launch fixed-size, no host sync: CUDA-graph capturable):
   1. `_centroid_scores_kernel`: S [B, K] fp32 = h . centroids (+ noise); each program reads a
-     block of centroids once for all B rows.  `_select_top_kernel` (or torch.topk for very large
-     K) picks sel [B, P].
-  2. `_mark_selected_kernel`, cumsum, `_compact_union_kernel`: the distinct clusters selected by
-     any row, as a list union [U] plus its length (the last element of the cumsum), and
-     pos [B, K] = where row b keeps cluster c among its P picks, or -1.
-  3. `_score_union_kernel`: each program reads the C weight rows of one (or, for large B, a few)
+     block of centroids once for all B rows (and zeroes its block of flag [K]).
+  2. `_select_top_kernel` (radix select) picks sel [B, P], writes pos [B, K] = where row b keeps
+     cluster c among its P picks, or -1, and sets flag[c] = 1 for every picked c.  For very large
+     K (or select="torch") torch.topk picks and `_mark_selected_kernel` writes pos and flag.
+  3. `_compact_union_kernel` (one program): the distinct clusters selected by any row, as a list
+     union [U] in increasing cluster order plus its length n_union [1].
+  4. `_score_union_kernel`: each program reads the C weight rows of one (or, for large B, a few)
      union clusters once, scores them against all B rows, and writes the rows that picked each
-     cluster into cand [B, P * C].
-  4. torch.topk (torch.max for k = 1) over int64 keys (logit, then smallest id) gives the k
-     best, best first.
+     cluster into keys [B, P * C] (logit, then smallest id, in one int64).
+  5. `_best_key_kernel` for k = 1 (torch.topk and `_decode_keys_kernel` above) gives the k best
+     ids and logits, best first, decoded from the keys.
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ from triton.runtime.jit import JITFunction
 
 _TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
 
-# Low 32 bits of a candidate key hold _ID_BIAS - vocab id, so a larger key means a smaller id.
-_ID_BIAS = 2**31 - 1
 # Widest centroid row the one-program-per-row Triton selection holds in registers (16 warps x
 # 32 keys per thread); above it torch.topk selects.
 _MAX_SELECT_K = 16384
@@ -52,7 +51,7 @@ def _launch(kernel: Any, grid: tuple[int, ...]) -> Any:
 
 
 @triton.jit
-def _centroid_scores_kernel(h_ptr, cent_ptr, noise_ptr, s_ptr, B, K, D,
+def _centroid_scores_kernel(h_ptr, cent_ptr, noise_ptr, s_ptr, flag_ptr, B, K, D,
                             HAS_NOISE: tl.constexpr, DOT_FP32: tl.constexpr,
                             EVEN_D: tl.constexpr, BLOCK_K: tl.constexpr,
                             BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -60,7 +59,8 @@ def _centroid_scores_kernel(h_ptr, cent_ptr, noise_ptr, s_ptr, B, K, D,
 
     h [B, D] and centroids [K, D] in bf16/fp16/fp32 (fp32 products unless both are the same
     16-bit type, whose products are exact in fp32 anyway); noise [B, K] any float (read only
-    with HAS_NOISE); S [B, K] fp32, every element written.  Grid (cdiv(K, BLOCK_K),
+    with HAS_NOISE); S [B, K] fp32, every element written; flag [K] int32 zeroed (here, so that
+    the selection can mark it without a memset launch).  Grid (cdiv(K, BLOCK_K),
     cdiv(B, BLOCK_B)): a program reads its BLOCK_K centroids once for BLOCK_B rows.
     Cost: K * D * elt bytes of centroids (29 MB for K=9496, D=1536 bf16) + 4 * B * K written.
     """
@@ -90,20 +90,27 @@ def _centroid_scores_kernel(h_ptr, cent_ptr, noise_ptr, s_ptr, B, K, D,
     if HAS_NOISE:
         acc += tl.load(noise_ptr + out, mask=out_mask, other=0.0).to(tl.float32)
     tl.store(s_ptr + out, acc, mask=out_mask)
+    if tl.program_id(1) == 0:
+        tl.store(flag_ptr + rows, tl.zeros((BLOCK_K,), dtype=tl.int32), mask=row_ok)
 
 
 # One config (no benchmarking, so safe inside CUDA-graph capture): 16 warps keep 16384 keys at
-# 32 registers per thread.
+# 32 per thread.
 @triton.autotune(configs=[triton.Config({}, num_warps=16)], key=[])
 @triton.jit
-def _select_top_kernel(s_ptr, sel_ptr, K, P, BLOCK_K: tl.constexpr):
+def _select_top_kernel(s_ptr, sel_ptr, pos_ptr, flag_ptr, K, P, BLOCK_K: tl.constexpr):
     """sel[b, :] = the P clusters with the largest S[b, :], in increasing cluster order.
 
-    S [B, K] fp32; sel [B, P] int64, every element written.  One program per row holds the
-    row in registers (BLOCK_K >= K), finds the P-th largest score T by a 32-step bitwise search
-    on order-preserving int32 keys, takes every score > T and then the scores == T of the
-    smallest cluster ids until P are taken (torch.topk leaves ties unspecified; the reference
-    uses it, so either choice is the reference's).  Cost: 4 * B * K read, 8 * B * P written.
+    S [B, K] fp32; sel [B, P] int64, every element written; pos [B, K] int32, every element
+    written: the slot p of cluster c in sel[b], or -1; flag [K] int32 (zeroed before): set to 1
+    for every selected cluster (concurrent writes of 1 from several rows are benign).
+    One program per row holds the row in registers (BLOCK_K >= K) and finds the P-th largest
+    score T by a radix select on order-preserving keys: 4 passes of 8-bit digits, from the top,
+    each a 256-bin histogram of the digit over the keys whose higher digits equal T's so far.
+    It then takes every score > T and the scores == T of the smallest cluster ids until P are
+    taken (torch.topk leaves ties unspecified; the reference uses it, so either choice is the
+    reference's); -0.0 ties with +0.0.
+    Cost: 4 * B * K read, 8 * B * P + 4 * B * K written; 4 histogram passes + 2 scans per row.
     """
     b = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK_K)
@@ -112,32 +119,53 @@ def _select_top_kernel(s_ptr, sel_ptr, K, P, BLOCK_K: tl.constexpr):
     s = tl.where(s == 0.0, 0.0, s)                      # -0.0 ties with +0.0, as in floats
     bits = s.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int order == float order
-    one = tl.full((), 1, tl.int32)
-    sign = one << 31
-    # T = the largest key with #(key >= T) >= P, built from the top bit down; x is T with its
-    # sign bit flipped, so that the bits can be set in unsigned order.
-    # A runtime loop, not static_range: unrolled, the 32-deep chain of x makes Inductor's
-    # kernel mutation analysis (a tree walk of the dataflow) take forever.
-    x = tl.full((), 0, tl.int32)
-    for i in range(32):
-        trial = x | (one << (31 - i))
-        n = tl.sum((ok & (key >= (trial ^ sign))).to(tl.int32), axis=0)
-        x = tl.where(n >= P, trial, x)
-    t = x ^ sign
-    above = ok & (key > t)
-    tie = ok & (key == t)
-    need = P - tl.sum(above.to(tl.int32), axis=0)
+    sign = tl.full((), 1, tl.int32) << 31
+    # u: unsigned order as bits, so digits compare.  Lanes past K get u = 0, below every real
+    # score (u = 0 is one NaN pattern, and a tie with it goes to the real, smaller ids first),
+    # so they are never taken and the loop needs no mask (fewer live registers).
+    u = tl.where(ok, key ^ sign, 0)
+    key = u ^ sign
+    bins = tl.arange(0, 256)
+    # prefix: T's digits found so far (u order; lower bits 0), hi: the bits they cover, need:
+    # how many keys that match the prefix are still to take (1 <= need <= their count).
+    prefix = tl.full((), 0, tl.int32)
+    hi = tl.full((), 0, tl.int32)
+    need = tl.full((), 0, tl.int32) + P                  # (P == 1 arrives as a constexpr)
+    # A runtime loop, not static_range: a long unrolled dataflow chain makes Inductor's kernel
+    # mutation analysis slow.
+    for i in range(4):
+        shift = 24 - 8 * i
+        match = (u & hi) == prefix
+        hist = tl.histogram((u >> shift) & 255, 256, mask=match)       # [256] int32
+        ge = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist     # #(digit >= bin)
+        d = tl.sum((ge >= need).to(tl.int32), axis=0) - 1               # T's digit
+        need -= tl.sum(tl.where(bins > d, hist, 0), axis=0)             # taken: digit > d
+        prefix |= d << shift
+        hi |= 255 << shift
+    t = prefix ^ sign
+    above = key > t
+    tie = key == t
     take = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))
     slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
-    tl.store(sel_ptr + b * P + slot, c.to(tl.int64), mask=take)
+    tl.store(pos_ptr + b * K + c, tl.where(take, slot, -1), mask=ok)
+    tl.store(flag_ptr + c, tl.full((BLOCK_K,), 1, tl.int32), mask=take)
+    # sel from the pos row just written (L1/L2-hot), 2048 clusters at a time: scattering all
+    # BLOCK_K ids at once keeps 32 64-bit addresses per thread live and spilled registers
+    # (sm_90, 16 warps).  The barrier makes this program's pos stores visible to all its threads.
+    tl.debug_barrier()
+    for c0 in range(0, K, 2048):
+        co = c0 + tl.arange(0, 2048)
+        p = tl.load(pos_ptr + b * K + co, mask=co < K, other=-1)
+        tl.store(sel_ptr + b * P + p, co.to(tl.int64), mask=p >= 0)
 
 
 @triton.jit
 def _mark_selected_kernel(sel_ptr, pos_ptr, flag_ptr, B, K, P, BLOCK: tl.constexpr):
     """pos[b, sel[b, p]] = p and flag[sel[b, p]] = 1 for every (b, p).
 
-    sel [B, P] int64 distinct per row; pos [B, K] int32 pre-filled with -1; flag [K] int32
-    pre-zeroed (concurrent writes of 1 to one flag are benign).  Cost: ~12 * B * P bytes.
+    The path for torch.topk selection.  sel [B, P] int64 distinct per row; pos [B, K] int32
+    pre-filled with -1; flag [K] int32 pre-zeroed (concurrent writes of 1 to one flag are
+    benign).  Cost: ~12 * B * P bytes.
     """
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = idx < B * P
@@ -148,43 +176,46 @@ def _mark_selected_kernel(sel_ptr, pos_ptr, flag_ptr, B, K, P, BLOCK: tl.constex
 
 
 @triton.jit
-def _compact_union_kernel(flag_ptr, incl_ptr, union_ptr, K, BLOCK: tl.constexpr):
-    """union[incl[c] - 1] = c for every flagged cluster c: the union in increasing cluster order.
+def _compact_union_kernel(flag_ptr, union_ptr, n_union_ptr, K, BLOCK: tl.constexpr):
+    """union[:n] = the flagged clusters in increasing order; n_union[0] = n.
 
-    flag [K] int32 0/1; incl [K] int32 inclusive cumsum of flag (incl[K - 1] = union length);
-    union [U] int32, only its first incl[K - 1] slots written.  Cost: 8 * K + 4 * U bytes.
+    flag [K] int32 0/1; union [U] int32, only its first n slots written; n_union [1] int32.
+    One program walks K in blocks with a running count (one launch instead of a cumsum's two
+    and a scatter).  Cost: 4 * K read + 4 * n written.
     """
-    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = c < K
-    flag = tl.load(flag_ptr + c, mask=ok, other=0)
-    slot = tl.load(incl_ptr + c, mask=ok, other=1) - 1
-    tl.store(union_ptr + slot, c, mask=ok & (flag != 0))
+    n = tl.full((), 0, tl.int32)
+    for c0 in range(0, K, BLOCK):
+        c = c0 + tl.arange(0, BLOCK)
+        f = (tl.load(flag_ptr + c, mask=c < K, other=0) != 0).to(tl.int32)
+        tl.store(union_ptr + n + tl.cumsum(f, axis=0) - 1, c, mask=f != 0)
+        n += tl.sum(f, axis=0)
+    tl.store(n_union_ptr, n)
 
 
 @triton.jit
-def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union_ptr, incl_ptr,
-                        key_ptr, logit_ptr, B, K, D, NCAND,
+def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union_ptr,
+                        n_union_ptr, key_ptr, B, K, D, NCAND,
                         C: tl.constexpr, GROUP: tl.constexpr, DOT_FP32: tl.constexpr,
                         EVEN_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
                         BLOCK_D: tl.constexpr):
     """Exact logits of the union's clusters for the rows that picked them.
 
     h [B, D]; weight [V, D] reordered; offsets [K + 1] int64; token_ids [V] int64; pos [B, K]
-    int32; union [U] int32 with length incl[K - 1].  Program (g, bb) scores the rows of the
+    int32; union [U] int32 with length n_union[0].  Program (g, bb) scores the rows of the
     GROUP clusters union[g * GROUP:(g + 1) * GROUP] (C or fewer rows each) once against BLOCK_B
     rows of h, and for each row b and cluster c with p = pos[b, c] >= 0 writes slots
     p * C .. p * C + C - 1 of
-      logit [B, NCAND = P * C] fp32: the exact logit, -inf for padding slots of short clusters;
-      key   [B, NCAND] int64: (logit as order-preserving int32) << 32 | (2**31 - 1 - vocab id),
-            so the largest key is the largest logit, ties to the smallest vocab id; padding
-            slots carry token_ids[0], like the reference.
+      key [B, NCAND = P * C] int64: (logit as order-preserving int32) << 32 |
+          (2**31 - 1 - vocab id), so the largest key is the largest logit, ties to the smallest
+          vocab id; the logit is exact and decodes back from the key (`_decode_key`); padding
+          slots of short clusters hold -inf and token_ids[0], like the reference.
     Every (b, p) slot is written exactly once.  Programs past the union's length exit at once.
     GROUP > 1 for large batches, so that h (B * D, re-read by every program from L2) stays no
     larger than the weight rows a program reads.
     Cost: |union| * C * D * elt bytes of weight (12.6 MB for 256 clusters, C=16, D=1536 bf16;
-    all 467 MB when the union covers every cluster) + 12 * B * P * C bytes written.
+    all 467 MB when the union covers every cluster) + 8 * B * P * C bytes written.
     """
-    n_union = tl.load(incl_ptr + K - 1)
+    n_union = tl.load(n_union_ptr)
     if tl.program_id(0) * GROUP >= n_union:
         return
     lane = tl.arange(0, GROUP * BLOCK_C)                # GROUP clusters side by side
@@ -225,7 +256,41 @@ def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union
     out = b[:, None].to(tl.int64) * NCAND + p * C + i[None, :]
     out_mask = (p >= 0) & (i < C)[None, :]
     tl.store(key_ptr + out, key, mask=out_mask)
-    tl.store(logit_ptr + out, score, mask=out_mask)
+
+
+@triton.jit
+def _decode_key(key):
+    """(vocab id int64, logit fp32) of a candidate key made by `_score_union_kernel`."""
+    hi = key >> 32
+    ordered = hi.to(tl.int32)
+    bits = tl.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF)
+    return 2147483647 - (key - (hi << 32)), bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _best_key_kernel(key_ptr, ids_ptr, logit_ptr, NCAND, BLOCK: tl.constexpr):
+    """k = 1: ids[b], logits[b] = the decoded largest key of row b (largest logit, then
+    smallest id).  key [B, NCAND] int64; ids [B, 1] int64; logits [B, 1] fp32.  One program per
+    row.  Cost: 8 * B * NCAND read."""
+    b = tl.program_id(0).to(tl.int64)
+    best = tl.full((), -9223372036854775807 - 1, tl.int64)
+    for c0 in range(0, NCAND, BLOCK):
+        c = c0 + tl.arange(0, BLOCK)
+        k = tl.load(key_ptr + b * NCAND + c, mask=c < NCAND, other=-9223372036854775807 - 1)
+        best = tl.maximum(best, tl.max(k, axis=0))
+    vid, logit = _decode_key(best)
+    tl.store(ids_ptr + b, vid)
+    tl.store(logit_ptr + b, logit)
+
+
+@triton.jit
+def _decode_keys_kernel(key_ptr, ids_ptr, logit_ptr, N, BLOCK: tl.constexpr):
+    """ids, logits [N] = the decoded keys [N] int64 (torch.topk's k best per row)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < N
+    vid, logit = _decode_key(tl.load(key_ptr + i, mask=ok, other=0))
+    tl.store(ids_ptr + i, vid, mask=ok)
+    tl.store(logit_ptr + i, logit, mask=ok)
 
 
 class _Blocks(NamedTuple):
@@ -300,38 +365,41 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
     nb = triton.cdiv(B, blk.block_b)
 
     scores = _empty((B, K), torch.float32, dev)                         # S: [B, K] fp32
+    flag = _empty((K,), torch.int32, dev)             # flag: [K] int32, zeroed by stage 1
     # Without noise the kernel never reads noise_ptr; h stands in (not `scores`: one tensor as
     # both a read and a written argument would look aliased to Inductor).
     noise = centroid_noise.contiguous() if centroid_noise is not None else h
     _launch(_centroid_scores_kernel, (triton.cdiv(K, blk.block_k), nb))(
-        h, centroids, noise, scores, B, K, D, HAS_NOISE=centroid_noise is not None,
+        h, centroids, noise, scores, flag, B, K, D, HAS_NOISE=centroid_noise is not None,
         DOT_FP32=blk.dot_fp32, EVEN_D=even_d, BLOCK_K=blk.block_k, BLOCK_B=blk.block_b,
         BLOCK_D=blk.block_d, **blk.launch)
     block_k = triton.next_power_of_2(K)
     if select == "triton" or (select == "auto" and block_k <= _MAX_SELECT_K):
         sel = _empty((B, P), torch.int64, dev)                          # sel: [B, P] int64
-        _launch(_select_top_kernel, (B,))(scores, sel, K, P, BLOCK_K=block_k)
+        pos = _empty((B, K), torch.int32, dev)                          # pos: [B, K] int32
+        _launch(_select_top_kernel, (B,))(scores, sel, pos, flag, K, P, BLOCK_K=block_k)
     else:
         sel = torch.topk(scores, P, dim=1, sorted=False).indices
-
-    pos = torch.full((B, K), -1, dtype=torch.int32, device=dev)         # pos: [B, K] int32
-    flag = torch.zeros((K,), dtype=torch.int32, device=dev)             # flag: [K] int32
-    _launch(_mark_selected_kernel, (triton.cdiv(B * P, 1024),))(
-        sel, pos, flag, B, K, P, BLOCK=1024)
-    incl = torch.cumsum(flag, 0, dtype=torch.int32)                     # incl: [K] int32
+        pos = torch.full((B, K), -1, dtype=torch.int32, device=dev)
+        _launch(_mark_selected_kernel, (triton.cdiv(B * P, 1024),))(
+            sel, pos, flag, B, K, P, BLOCK=1024)
     U = torch.sym_min(B * P, K)                  # no guard on B when B is symbolic
     union = _empty((U,), torch.int32, dev)                              # union: [U] int32
-    _launch(_compact_union_kernel, (triton.cdiv(K, 1024),))(flag, incl, union, K, BLOCK=1024)
+    n_union = _empty((1,), torch.int32, dev)                            # n_union: [1] int32
+    _launch(_compact_union_kernel, (1,))(flag, union, n_union, K, BLOCK=4096, num_warps=8)
 
     keys = _empty((B, P * C), torch.int64, dev)                         # keys: [B, P * C]
-    cand = _empty((B, P * C), torch.float32, dev)                       # cand: [B, P * C]
     _launch(_score_union_kernel, (triton.cdiv(U, blk.group), nb))(
-        h, weight, offsets, token_ids, pos, union, incl, keys, cand, B, K, D, P * C, C=C,
+        h, weight, offsets, token_ids, pos, union, n_union, keys, B, K, D, P * C, C=C,
         GROUP=blk.group, DOT_FP32=blk.dot_fp32, EVEN_D=even_d, BLOCK_B=blk.block_b,
         BLOCK_C=blk.block_c, BLOCK_D=blk.block_d, **blk.launch)
+    ids = torch.empty((B, k), dtype=torch.int64, device=dev)             # ids: [B, k] int64
+    logits = torch.empty((B, k), dtype=torch.float32, device=dev)       # logits: [B, k] fp32
     if k == 1:      # one reduction instead of a 64-bit radix select
-        best, where = torch.max(keys, dim=1, keepdim=True)
+        _launch(_best_key_kernel, (B,))(keys, ids, logits, P * C,
+                                        BLOCK=min(4096, triton.next_power_of_2(P * C)))
     else:
-        best, where = torch.topk(keys, k, dim=1)                        # [B, k], best first
-    ids = _ID_BIAS - (best & 0xFFFFFFFF)
-    return ids, torch.gather(cand, 1, where)
+        best = torch.topk(keys, k, dim=1).values                       # [B, k], best first
+        _launch(_decode_keys_kernel, (triton.cdiv(B * k, 1024),))(best, ids, logits, B * k,
+                                                                    BLOCK=1024)
+    return ids, logits

@@ -131,19 +131,25 @@ def test_exact_ties_break_by_smallest_id(fresh_seed) -> None:
     assert torch.equal(ids.cpu(), ref_ids)
 
 
-@pytest.mark.parametrize("K,P", [(63, 63), (1000, 17), (9496, 256), (16384, 512)])
+@pytest.mark.parametrize("K,P", [(63, 1), (63, 63), (1000, 17), (1000, 1000), (9496, 256),
+                                 (16384, 512)])
 def test_select_top_kernel(fresh_seed, K, P) -> None:
-    s = torch.randint(-3, 4, (4, K), device="cuda").float()     # rows 1-3: heavy ties
+    s = torch.randint(-3, 4, (5, K), device="cuda").float()     # rows 1-4: heavy ties
     s[0] = torch.randn(K, device="cuda")
     s[1, ::7] = -0.0
     s[2, :3] = torch.tensor([float("inf"), float("-inf"), -1e30], device="cuda")
-    sel = poisoned_empty((4, P), torch.int64, "cuda")
-    flashhead_triton._launch(flashhead_triton._select_top_kernel, (4,))(
-        s, sel, K, P, BLOCK_K=triton.next_power_of_2(K))
-    s, sel = s.cpu(), sel.cpu()
-    for b in range(4):
+    s[3] = 1.5                                                  # every score ties
+    sel = poisoned_empty((5, P), torch.int64, "cuda")
+    pos = poisoned_empty((5, K), torch.int32, "cuda")
+    flag = torch.zeros(K, dtype=torch.int32, device="cuda")
+    flashhead_triton._launch(flashhead_triton._select_top_kernel, (5,))(
+        s, sel, pos, flag, K, P, BLOCK_K=triton.next_power_of_2(K))
+    s, sel, pos, flag = s.cpu(), sel.cpu(), pos.cpu(), flag.cpu()
+    expect_pos = torch.full((5, K), -1, dtype=torch.int32)
+    for b in range(5):
         chosen = sel[b]
         assert bool(((chosen >= 0) & (chosen < K)).all()) and chosen.unique().numel() == P
+        assert bool((chosen[1:] > chosen[:-1]).all()), "increasing cluster order"
         t = s[b].topk(P).values[-1]
         rest = torch.ones(K, dtype=torch.bool)
         rest[chosen] = False
@@ -151,6 +157,9 @@ def test_select_top_kernel(fresh_seed, K, P) -> None:
         ties = (s[b] == t).nonzero().flatten()
         taken = chosen[s[b, chosen] == t]
         assert torch.equal(taken, ties[:taken.numel()]), "ties go to the smallest cluster ids"
+        expect_pos[b, chosen] = torch.arange(P, dtype=torch.int32)
+    assert torch.equal(pos, expect_pos)
+    assert torch.equal(flag, (expect_pos >= 0).any(0).to(torch.int32))
 
 
 @pytest.mark.parametrize("B", [1, 16, 64])
