@@ -38,6 +38,7 @@ class HeadLatencyConfig:
     # triton: the op (Triton cluster selection); triton_topksel: the same kernels with torch.topk
     # picking the clusters, to show which selection is faster on this card.
     methods: tuple[str, ...] = ("dense", "reference", "triton", "triton_topksel")
+    profile: bool = False       # per-kernel GPU times of the Triton op at probes 256
     out: Path = field(default_factory=lambda: Path("results/head_latency.json"))
 
     def __post_init__(self) -> None:
@@ -84,6 +85,36 @@ def time_graphs(step: Callable[[torch.Tensor], object], inputs: list[torch.Tenso
     del graphs
     torch.cuda.empty_cache()
     return float(ms)
+
+
+def profile_kernels(step: Callable[[torch.Tensor], object], h: torch.Tensor, label: str,
+                    calls: int = 50) -> list[dict]:
+    """GPU time per kernel of `step(h)` (eager calls, torch.profiler), printed and returned.
+
+    Kernel times are device-side, so they match the graph replays; the graph's total minus
+    their sum is launch gaps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step(h)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step(h)
+        torch.cuda.synchronize()
+    out = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None)
+        if us is None:
+            us = e.cuda_time_total
+        if us > 0 and e.count >= calls:
+            out.append({"kernel": e.key[:70], "us_per_call": us / calls, "launches": e.count})
+    out.sort(key=lambda r: -r["us_per_call"])
+    total = sum(r["us_per_call"] for r in out)
+    print(f"\nkernels of {label} (GPU us per call, {calls} eager calls; sum {total:.1f} us):")
+    for r in out:
+        print(f"  {r['us_per_call']:8.2f} us  x{r['launches'] // calls}  {r['kernel']}")
+    return out
 
 
 def copy_bandwidth_gbps() -> float:
@@ -146,6 +177,9 @@ def run(cfg: HeadLatencyConfig) -> tuple[dict, list[dict]]:
                 ms = time_graphs(steps[method], hs, cfg)
                 agree = float((steps[method](hs[0])[0][:, 0] == ref_ids[:, 0]).float().mean())
                 add(B, P, method, ms, dense_ms, union, fh_bytes, agree)
+            if cfg.profile and P == 256:
+                meta.setdefault("profiles", {})[f"B={B} P={P} triton"] = profile_kernels(
+                    steps["triton"], hs[0], f"the Triton op at B={B} P={P}")
         del hs
     return meta, rows
 
@@ -173,13 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", type=int, nargs="+")
     p.add_argument("--probes", type=int, nargs="+")
     p.add_argument("--methods", nargs="+", choices=METHODS, help="dense is always run")
+    p.add_argument("--profile", action="store_true",
+                   help="also print per-kernel GPU times of the Triton op at probes 256")
     p.add_argument("--out", type=Path, default=Path("results/head_latency.json"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: head_latency needs a CUDA GPU (torch.cuda.is_available() is False); run it "
               "on the GPU machine", file=sys.stderr)
         return 2
-    kw: dict = {"out": args.out}
+    kw: dict = {"out": args.out, "profile": args.profile}
     if args.quick:
         kw.update(batch_sizes=(1, 16), probes=(256,), rotations=2, rep_ms=50)
     if args.batch_sizes:
