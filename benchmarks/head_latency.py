@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-METHODS = ("dense", "reference", "triton", "triton_topksel")
+METHODS = ("dense", "reference", "triton", "triton_single", "triton_topksel")
 
 
 @dataclass
@@ -35,9 +35,9 @@ class HeadLatencyConfig:
     rotations: int = 4          # distinct inputs h, one CUDA graph each, replayed in turn
     warmup_ms: int = 25
     rep_ms: int = 100
-    # triton: the op (Triton cluster selection); triton_topksel: the same kernels with torch.topk
-    # picking the clusters, to show which selection is faster on this card.
-    methods: tuple[str, ...] = ("dense", "reference", "triton", "triton_topksel")
+    # triton: the op (multi-program Triton cluster selection); triton_single: the same kernels
+    # with one selection program per row; triton_topksel: with torch.topk picking the clusters.
+    methods: tuple[str, ...] = METHODS
     profile: bool = False       # per-kernel GPU times of the Triton op at probes 256
     out: Path = field(default_factory=lambda: Path("results/head_latency.json"))
 
@@ -171,6 +171,7 @@ def run(cfg: HeadLatencyConfig) -> tuple[dict, list[dict]]:
             fh_bytes = (K * D + union * C * D) * elt
             steps = {"reference": lambda h: flashhead_reference(h, *args),
                      "triton": lambda h: torch.ops.flashhead.topk(h, *args, None),
+                     "triton_single": lambda h: triton_topk(h, *args, None, select="single"),
                      "triton_topksel": lambda h: triton_topk(h, *args, None, select="torch")}
             ref_ids = flashhead_reference(hs[0], *args)[0]
             for method in (m for m in cfg.methods if m != "dense"):

@@ -6,16 +6,21 @@ k returned candidates.
 
 Pipeline of `triton_topk` (every launch fixed-size, no host sync: CUDA-graph capturable):
   1. `_centroid_scores_kernel`: S [B, K] fp32 = h . centroids (+ noise); each program reads a
-     block of centroids once for all B rows (and zeroes its block of flag [K]).
-  2. `_select_top_kernel` (radix select) picks sel [B, P], writes pos [B, K] = where row b keeps
-     cluster c among its P picks, or -1, and sets flag[c] = 1 for every picked c.  For very large
-     K (or select="torch") torch.topk picks and `_mark_selected_kernel` writes pos and flag.
-  3. `_compact_union_kernel` (one program): the distinct clusters selected by any row, as a list
-     union [U] in increasing cluster order plus its length n_union [1].
-  4. `_score_union_kernel`: each program reads the C weight rows of one (or, for large B, a few)
+     block of centroids once for all B rows, zeroes its block of flag [K], and counts the first
+     digit (top 11 bits) of every score's order key into a per-row histogram (global atomics).
+  2. Multi-program radix select (the default; one program per 1024 clusters of a row):
+     `_select_refine_kernel` counts the second digit (11 bits) of the scores whose first digit
+     is the P-th largest's; `_select_take_kernel` then knows the P-th largest to 22 bits (the
+     last 10 bits only when that bin must be split: ties), takes its chunk's picks, and writes
+     pos [B, K] = the slot of cluster c among row b's P picks or -1, sel [B, P], flag [K] and
+     the batch's cluster union [U] with its length (atomic counters, so any order).
+     Alternatives (select=): "single", `_select_top_kernel`, one program per row (a radix select
+     in registers, K <= 16384), or "torch", torch.topk + `_mark_selected_kernel`; both then build
+     the union with `_compact_union_kernel` (one program, increasing cluster order).
+  3. `_score_union_kernel`: each program reads the C weight rows of one (or, for large B, a few)
      union clusters once, scores them against all B rows, and writes the rows that picked each
      cluster into keys [B, P * C] (logit, then smallest id, in one int64).
-  5. `_best_key_kernel` for k = 1 (torch.topk and `_decode_keys_kernel` above) gives the k best
+  4. `_best_key_kernel` for k = 1 (torch.topk and `_decode_keys_kernel` above) gives the k best
      ids and logits, best first, decoded from the keys.
 """
 
@@ -50,9 +55,116 @@ def _launch(kernel: Any, grid: tuple[int, ...]) -> Any:
     return kernel[grid]
 
 
+# Multi-program radix select: the order key of an fp32 score (32 bits) in three digits, 11 + 11
+# + 10 bits from the top; histograms of the first two digits have _NBINS bins.
+_NBINS: tl.constexpr = tl.constexpr(2048)
+_SELECT_CHUNK = 1024        # scores per program of the selection kernels
+
+
 @triton.jit
-def _centroid_scores_kernel(h_ptr, cent_ptr, noise_ptr, s_ptr, flag_ptr, B, K, D,
-                            HAS_NOISE: tl.constexpr, DOT_FP32: tl.constexpr,
+def _order_key64(s):
+    """int64 in [0, 2**32) with the order of the fp32 scores s (-0.0 == +0.0)."""
+    s = tl.where(s == 0.0, 0.0, s)
+    bits = s.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)      # int32 order == float order
+    return key.to(tl.int64) + 2147483648
+
+
+@triton.jit
+def _cut(hist, need, NB: tl.constexpr):
+    """Radix-select step: (t, need - #(digit > t)) where t is the digit of the need-th largest
+    key, given hist [NB] int32 = how many of the keys still in play have each digit."""
+    ge = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist       # #(digit >= bin)
+    t = tl.sum((ge >= need).to(tl.int32), axis=0) - 1
+    above = tl.sum(tl.where(tl.arange(0, NB) > t, hist, 0), axis=0)
+    return t, need - above
+
+
+@triton.jit
+def _select_refine_kernel(s_ptr, ws_ptr, K, P, CHUNK: tl.constexpr):
+    """Second digit of the multi-program radix select: ws[b, 1, digit 2] += 1 for the scores of
+    row b whose first digit is the P-th largest score's (read off ws[b, 0]).
+
+    S [B, K] fp32; ws [B, 2, 2048] int32 (ws[b, 0] complete, ws[b, 1] zeroed before).
+    Grid (cdiv(K, CHUNK), B).  Cost: 4 * B * K + 8 KB * B * programs (L2) read.
+    """
+    b = tl.program_id(1).to(tl.int64)
+    bins = tl.arange(0, _NBINS)
+    need = tl.full((), 0, tl.int32) + P                  # (P == 1 arrives as a constexpr)
+    t1, need = _cut(tl.load(ws_ptr + b * (2 * _NBINS) + bins), need, _NBINS)
+    c = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    ok = c < K
+    u = _order_key64(tl.load(s_ptr + b * K + c, mask=ok, other=0.0))
+    tl.atomic_add(ws_ptr + b * (2 * _NBINS) + _NBINS + ((u >> 10) & 2047),
+                  tl.full((CHUNK,), 1, tl.int32), mask=ok & ((u >> 21) == t1), sem="relaxed")
+
+
+@triton.jit
+def _select_take_kernel(s_ptr, ws_ptr, flag_ptr, union_ptr, sel_ptr, pos_ptr, B, K, P,
+                        CHUNK: tl.constexpr):
+    """Last step of the multi-program radix select, the batch's cluster union included.
+
+    From ws [B, 2, 2048] (both digit histograms complete) the program finds the P-th largest
+    key T of row b to 22 bits.  If every key in T's 22-bit bin is needed (nearly always with
+    real scores) it takes the keys >= the bin's start; otherwise it resolves the last 10 bits
+    with a histogram over the row and takes the keys > T and the first ties (smallest cluster
+    ids) until P are taken.  For its chunk of clusters it then writes
+      pos [B, K] int32: the slot of cluster c among row b's P picks, or -1 (every element);
+      sel [B, P] int64: sel[b, slot] = c (slots are handed out by an atomic counter per row,
+          so their order is arbitrary; every slot written);
+      flag [K] int32 (zeroed before) = 1 for every picked cluster, and the first program to
+          flag a cluster appends it to union [U] int32; counters (zeroed before) after ws:
+          taken[b] = ws[2 * B * 2048 + b], union length n_union = ws[2 * B * 2048 + B].
+    Grid (cdiv(K, CHUNK), B).  Cost: 4 * B * K read, 4 * B * K + 8 * B * P written.
+    """
+    b = tl.program_id(1).to(tl.int64)
+    bins = tl.arange(0, _NBINS)
+    row_ws = ws_ptr + b * (2 * _NBINS)
+    need = tl.full((), 0, tl.int32) + P
+    t1, need = _cut(tl.load(row_ws + bins), need, _NBINS)
+    h2 = tl.load(row_ws + _NBINS + bins)
+    t2, need = _cut(h2, need, _NBINS)
+    in_bin = tl.sum(tl.where(bins == t2, h2, 0), axis=0)
+    prefix = (t1.to(tl.int64) << 11) | t2.to(tl.int64)  # T's top 22 bits
+    thr = (prefix << 10) - 1            # take u > thr: every key of the bin and above
+    n_eq = tl.full((), 0, tl.int32)     # how many keys == thr to take
+    ties_before = tl.full((), 0, tl.int32)
+    c0 = tl.program_id(0) * CHUNK
+    if need < in_bin:                   # ties or near-ties: the last 10 bits decide
+        h3 = tl.zeros((1024,), dtype=tl.int32)
+        for r0 in range(0, K, CHUNK):
+            r = r0 + tl.arange(0, CHUNK)
+            ur = _order_key64(tl.load(s_ptr + b * K + r, mask=r < K, other=0.0))
+            h3 += tl.histogram((ur & 1023).to(tl.int32), 1024,
+                               mask=(r < K) & ((ur >> 10) == prefix))
+        t3, need = _cut(h3, need, 1024)
+        thr = (prefix << 10) | t3.to(tl.int64)
+        n_eq = need
+        for r0 in range(0, c0, CHUNK):  # ties in earlier chunks come first
+            r = r0 + tl.arange(0, CHUNK)
+            ur = _order_key64(tl.load(s_ptr + b * K + r, mask=r < K, other=0.0))
+            ties_before += tl.sum(((r < K) & (ur == thr)).to(tl.int32), axis=0)
+    c = c0 + tl.arange(0, CHUNK)
+    ok = c < K
+    u = _order_key64(tl.load(s_ptr + b * K + c, mask=ok, other=0.0))
+    tie = ok & (u == thr)
+    rank = ties_before + tl.cumsum(tie.to(tl.int32), axis=0) - 1
+    take = ok & ((u > thr) | (tie & (rank < n_eq)))
+    taken = take.to(tl.int32)
+    counters = ws_ptr + B * (2 * _NBINS)
+    base = tl.atomic_add(counters + b, tl.sum(taken, axis=0), sem="relaxed")
+    slot = base + tl.cumsum(taken, axis=0) - 1
+    tl.store(pos_ptr + b * K + c, tl.where(take, slot, -1), mask=ok)
+    tl.store(sel_ptr + b * P + slot, c.to(tl.int64), mask=take)
+    old = tl.atomic_xchg(flag_ptr + c, tl.full((CHUNK,), 1, tl.int32), mask=take, sem="relaxed")
+    new = (take & (old == 0)).to(tl.int32)
+    ubase = tl.atomic_add(counters + B, tl.sum(new, axis=0), sem="relaxed")
+    tl.store(union_ptr + ubase + tl.cumsum(new, axis=0) - 1, c, mask=new != 0)
+
+
+@triton.jit
+def _centroid_scores_kernel(h_ptr, cent_ptr, noise_ptr, s_ptr, flag_ptr, ws_ptr, B, K, D,
+                            HAS_NOISE: tl.constexpr, HIST: tl.constexpr, DOT_FP32: tl.constexpr,
                             EVEN_D: tl.constexpr, BLOCK_K: tl.constexpr,
                             BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     """S[b, c] = sum_d h[b, d] * centroids[c, d] (+ noise[b, c]), fp32 accumulation.
@@ -60,7 +172,9 @@ def _centroid_scores_kernel(h_ptr, cent_ptr, noise_ptr, s_ptr, flag_ptr, B, K, D
     h [B, D] and centroids [K, D] in bf16/fp16/fp32 (fp32 products unless both are the same
     16-bit type, whose products are exact in fp32 anyway); noise [B, K] any float (read only
     with HAS_NOISE); S [B, K] fp32, every element written; flag [K] int32 zeroed (here, so that
-    the selection can mark it without a memset launch).  Grid (cdiv(K, BLOCK_K),
+    the selection can mark it without a memset launch).  With HIST, also the first digit's
+    histogram of the multi-program selection (see `_select_refine_kernel`): ws [B, 2, 2048] int32
+    (zeroed before) gets ws[b, 0, top 11 bits of the score's order key] += 1.  Grid (cdiv(K, BLOCK_K),
     cdiv(B, BLOCK_B)): a program reads its BLOCK_K centroids once for BLOCK_B rows.
     Cost: K * D * elt bytes of centroids (29 MB for K=9496, D=1536 bf16) + 4 * B * K written.
     """
@@ -90,6 +204,10 @@ def _centroid_scores_kernel(h_ptr, cent_ptr, noise_ptr, s_ptr, flag_ptr, B, K, D
     if HAS_NOISE:
         acc += tl.load(noise_ptr + out, mask=out_mask, other=0.0).to(tl.float32)
     tl.store(s_ptr + out, acc, mask=out_mask)
+    if HIST:
+        u = _order_key64(acc)
+        tl.atomic_add(ws_ptr + b[None, :].to(tl.int64) * (2 * _NBINS) + (u >> 21),
+                      tl.full((BLOCK_K, BLOCK_B), 1, tl.int32), mask=out_mask, sem="relaxed")
     if tl.program_id(1) == 0:
         tl.store(flag_ptr + rows, tl.zeros((BLOCK_K,), dtype=tl.int32), mask=row_ok)
 
@@ -336,14 +454,16 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
     custom_ops.flashhead.check_inputs): h [B, D]; centroids [K, D]; weight [V, D] reordered;
     offsets [K + 1] int64; token_ids [V] int64; centroid_noise [B, K] or None.  Equal logits
     come smallest vocabulary id first.  Output shapes depend only on B, k: no host sync.
-    select: how the P clusters per row are picked: "triton" (`_select_top_kernel`, needs
-    K <= 16384), "torch" (torch.topk), or "auto" (Triton where it fits); benchmarks compare them.
+    select: how the P clusters per row are picked: "multi" (the default, "auto": a radix select
+    spread over many programs, `_select_refine_kernel` and `_select_take_kernel`), "single"
+    (`_select_top_kernel`, one program per row, K <= 16384) or "torch" (torch.topk);
+    benchmarks.head_latency compares them.
     """
-    if select not in ("auto", "triton", "torch"):
-        raise ValueError(f"select must be 'auto', 'triton' or 'torch', got {select!r}")
-    if select == "triton" and triton.next_power_of_2(centroids.shape[0]) > _MAX_SELECT_K:
-        raise ValueError(f"select='triton' holds at most {_MAX_SELECT_K} clusters per row, "
-                         f"got K={centroids.shape[0]}; use select='torch'")
+    if select not in ("auto", "multi", "single", "torch"):
+        raise ValueError(f"select must be 'auto', 'multi', 'single' or 'torch', got {select!r}")
+    if select == "single" and triton.next_power_of_2(centroids.shape[0]) > _MAX_SELECT_K:
+        raise ValueError(f"select='single' holds at most {_MAX_SELECT_K} clusters per row, "
+                         f"got K={centroids.shape[0]}; use select='multi'")
     if cluster_size > 16 and _TRITON_VERSION < (3, 7):
         # Seen on an H100 with triton 3.6 (2026-11-26): a 32-row cluster tile fails in the MLIR
         # pass TritonGPURemoveLayoutConversions.  Say so instead of crashing in the compiler.
@@ -364,29 +484,40 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
     even_d = D % blk.block_d == 0
     nb = triton.cdiv(B, blk.block_b)
 
+    multi = select in ("auto", "multi")
     scores = _empty((B, K), torch.float32, dev)                         # S: [B, K] fp32
     flag = _empty((K,), torch.int32, dev)             # flag: [K] int32, zeroed by stage 1
+    # ws: the multi-program selection's digit histograms [B, 2, 2048] and counters [B + 1]
+    # (rows taken, union length), int32, one memset.
+    ws = torch.zeros((B * 2 * 2048 + B + 1,) if multi else (1,), dtype=torch.int32, device=dev)
     # Without noise the kernel never reads noise_ptr; h stands in (not `scores`: one tensor as
     # both a read and a written argument would look aliased to Inductor).
     noise = centroid_noise.contiguous() if centroid_noise is not None else h
     _launch(_centroid_scores_kernel, (triton.cdiv(K, blk.block_k), nb))(
-        h, centroids, noise, scores, flag, B, K, D, HAS_NOISE=centroid_noise is not None,
-        DOT_FP32=blk.dot_fp32, EVEN_D=even_d, BLOCK_K=blk.block_k, BLOCK_B=blk.block_b,
-        BLOCK_D=blk.block_d, **blk.launch)
-    block_k = triton.next_power_of_2(K)
-    if select == "triton" or (select == "auto" and block_k <= _MAX_SELECT_K):
-        sel = _empty((B, P), torch.int64, dev)                          # sel: [B, P] int64
-        pos = _empty((B, K), torch.int32, dev)                          # pos: [B, K] int32
-        _launch(_select_top_kernel, (B,))(scores, sel, pos, flag, K, P, BLOCK_K=block_k)
-    else:
-        sel = torch.topk(scores, P, dim=1, sorted=False).indices
-        pos = torch.full((B, K), -1, dtype=torch.int32, device=dev)
-        _launch(_mark_selected_kernel, (triton.cdiv(B * P, 1024),))(
-            sel, pos, flag, B, K, P, BLOCK=1024)
+        h, centroids, noise, scores, flag, ws, B, K, D, HAS_NOISE=centroid_noise is not None,
+        HIST=multi, DOT_FP32=blk.dot_fp32, EVEN_D=even_d, BLOCK_K=blk.block_k,
+        BLOCK_B=blk.block_b, BLOCK_D=blk.block_d, **blk.launch)
     U = torch.sym_min(B * P, K)                  # no guard on B when B is symbolic
     union = _empty((U,), torch.int32, dev)                              # union: [U] int32
-    n_union = _empty((1,), torch.int32, dev)                            # n_union: [1] int32
-    _launch(_compact_union_kernel, (1,))(flag, union, n_union, K, BLOCK=4096, num_warps=8)
+    sel = _empty((B, P), torch.int64, dev)                              # sel: [B, P] int64
+    pos = _empty((B, K), torch.int32, dev)                              # pos: [B, K] int32
+    if multi:
+        grid = (triton.cdiv(K, _SELECT_CHUNK), B)
+        _launch(_select_refine_kernel, grid)(scores, ws, K, P, CHUNK=_SELECT_CHUNK)
+        _launch(_select_take_kernel, grid)(scores, ws, flag, union, sel, pos, B, K, P,
+                                           CHUNK=_SELECT_CHUNK)
+        n_union = ws[B * 2 * 2048 + B:]                                  # [1] int32
+    else:
+        if select == "single":
+            _launch(_select_top_kernel, (B,))(scores, sel, pos, flag, K, P,
+                                              BLOCK_K=triton.next_power_of_2(K))
+        else:
+            sel = torch.topk(scores, P, dim=1, sorted=False).indices
+            pos = torch.full((B, K), -1, dtype=torch.int32, device=dev)
+            _launch(_mark_selected_kernel, (triton.cdiv(B * P, 1024),))(
+                sel, pos, flag, B, K, P, BLOCK=1024)
+        n_union = _empty((1,), torch.int32, dev)                        # n_union: [1] int32
+        _launch(_compact_union_kernel, (1,))(flag, union, n_union, K, BLOCK=4096, num_warps=8)
 
     keys = _empty((B, P * C), torch.int64, dev)                         # keys: [B, P * C]
     _launch(_score_union_kernel, (triton.cdiv(U, blk.group), nb))(

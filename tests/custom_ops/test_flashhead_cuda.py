@@ -13,7 +13,8 @@ import triton
 from custom_ops import FlashHeadInputError, flashhead_triton
 from custom_ops.reference import flashhead_reference
 from fh_compile.build_assets import build_assets
-from triton_poison import poison, poisoned_empty  # noqa: F401 (autouse fixture)
+from triton_poison import poison  # noqa: F401 (autouse fixture)
+from triton_select import SELECTS, check_selection, run_select, selection_scores
 
 pytestmark = pytest.mark.cuda
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -131,45 +132,20 @@ def test_exact_ties_break_by_smallest_id(fresh_seed) -> None:
     assert torch.equal(ids.cpu(), ref_ids)
 
 
+@pytest.mark.parametrize("select", SELECTS)
 @pytest.mark.parametrize("K,P", [(63, 1), (63, 63), (1000, 17), (1000, 1000), (9496, 256),
                                  (16384, 512)])
-def test_select_top_kernel(fresh_seed, K, P) -> None:
-    s = torch.randint(-3, 4, (5, K), device="cuda").float()     # rows 1-4: heavy ties
-    s[0] = torch.randn(K, device="cuda")
-    s[1, ::7] = -0.0
-    s[2, :3] = torch.tensor([float("inf"), float("-inf"), -1e30], device="cuda")
-    s[3] = 1.5                                                  # every score ties
-    sel = poisoned_empty((5, P), torch.int64, "cuda")
-    pos = poisoned_empty((5, K), torch.int32, "cuda")
-    flag = torch.zeros(K, dtype=torch.int32, device="cuda")
-    flashhead_triton._launch(flashhead_triton._select_top_kernel, (5,))(
-        s, sel, pos, flag, K, P, BLOCK_K=triton.next_power_of_2(K))
-    s, sel, pos, flag = s.cpu(), sel.cpu(), pos.cpu(), flag.cpu()
-    expect_pos = torch.full((5, K), -1, dtype=torch.int32)
-    for b in range(5):
-        chosen = sel[b]
-        assert bool(((chosen >= 0) & (chosen < K)).all()) and chosen.unique().numel() == P
-        assert bool((chosen[1:] > chosen[:-1]).all()), "increasing cluster order"
-        t = s[b].topk(P).values[-1]
-        rest = torch.ones(K, dtype=torch.bool)
-        rest[chosen] = False
-        assert bool((s[b, chosen] >= t).all()) and bool((s[b, rest] <= t).all())
-        ties = (s[b] == t).nonzero().flatten()
-        taken = chosen[s[b, chosen] == t]
-        assert torch.equal(taken, ties[:taken.numel()]), "ties go to the smallest cluster ids"
-        expect_pos[b, chosen] = torch.arange(P, dtype=torch.int32)
-    assert torch.equal(pos, expect_pos)
-    assert torch.equal(flag, (expect_pos >= 0).any(0).to(torch.int32))
+def test_select_kernels(fresh_seed, select, K, P) -> None:
+    s = selection_scores(5, K, "cuda")          # rows 1-4: heavy ties, -0.0, infinities
+    check_selection(select, s, P, run_select(select, s, P))
 
 
 @pytest.mark.parametrize("B", [1, 16, 64])
-def test_torch_and_triton_selection_agree(medium, fresh_seed, B) -> None:
+def test_every_selection_matches_reference(medium, fresh_seed, B) -> None:
     h = torch.randn(B, 512, device="cuda").to(torch.bfloat16)
     args = op_args(medium, torch.bfloat16, 128, 4)
-    a = flashhead_triton.triton_topk(h, *args, select="triton")
-    b = flashhead_triton.triton_topk(h, *args, select="torch")
-    check(*a, medium, h, 128, 4)
-    check(*b, medium, h, 128, 4)
+    for select in ("multi", "single", "torch"):
+        check(*flashhead_triton.triton_topk(h, *args, select=select), medium, h, 128, 4)
 
 
 def test_opcheck(small, fresh_seed) -> None:

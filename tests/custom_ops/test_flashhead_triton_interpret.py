@@ -27,7 +27,8 @@ from custom_ops import flashhead_triton  # noqa: E402
 from custom_ops.flashhead_triton import triton_topk  # noqa: E402
 from custom_ops.reference import flashhead_reference  # noqa: E402
 from fh_compile.build_assets import build_assets  # noqa: E402
-from triton_poison import poison, poisoned_empty  # noqa: E402,F401 (autouse fixture)
+from triton_poison import poison  # noqa: E402,F401 (autouse fixture)
+from triton_select import SELECTS, check_selection, run_select, selection_scores  # noqa: E402
 
 pytestmark = pytest.mark.interpret
 V, D, C = 1003, 96, 16  # V does not divide by C: the last clusters hold 15 rows
@@ -95,70 +96,29 @@ def test_matches_reference_with_centroid_noise(assets, fresh_seed, B) -> None:
     check(assets, torch.randn(B, D), 6, 4, noise=gumbel)
 
 
-def selection_scores(B: int, K: int) -> torch.Tensor:
-    """s [B, K] fp32: row 0 distinct, the other rows heavy ties (few values, so the P-th largest
-    has many equals on both sides of the cut-off), -0.0 among +0.0, infinities, huge values."""
-    s = torch.randint(-3, 4, (B, K)).float()
-    s[0] = torch.randn(K)
-    if B > 1:
-        s[1, ::7] = -0.0
-    if B > 2:
-        s[2, :3] = torch.tensor([float("inf"), float("-inf"), -1e30])[:K]
-    if B > 3:
-        s[3] = 1.5                                       # every score ties
-    return s
-
-
-def run_select(s: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, K = s.shape
-    sel = poisoned_empty((B, P), torch.int64, s.device)
-    pos = poisoned_empty((B, K), torch.int32, s.device)
-    flag = torch.zeros(K, dtype=torch.int32, device=s.device)
-    flashhead_triton._launch(flashhead_triton._select_top_kernel, (B,))(
-        s, sel, pos, flag, K, P, BLOCK_K=triton.next_power_of_2(K))
-    return sel, pos, flag
-
-
-def check_selection(s: torch.Tensor, P: int, sel: torch.Tensor, pos: torch.Tensor,
-                    flag: torch.Tensor) -> None:
-    B, K = s.shape
-    expect_pos = torch.full((B, K), -1, dtype=torch.int32)
-    for b in range(B):
-        chosen = sel[b]
-        assert bool(((chosen >= 0) & (chosen < K)).all()) and chosen.unique().numel() == P
-        assert bool((chosen[1:] > chosen[:-1]).all()), "increasing cluster order"
-        t = s[b].topk(P).values[-1]
-        rest = torch.ones(K, dtype=torch.bool)
-        rest[chosen] = False
-        assert bool((s[b, chosen] >= t).all()) and bool((s[b, rest] <= t).all())
-        ties = (s[b] == t).nonzero().flatten()
-        taken = chosen[s[b, chosen] == t]
-        assert torch.equal(taken, ties[:taken.numel()]), "ties go to the smallest cluster ids"
-        expect_pos[b, chosen] = torch.arange(P, dtype=torch.int32)
-    assert torch.equal(pos, expect_pos)
-    assert torch.equal(flag, (expect_pos >= 0).any(0).to(torch.int32))
-
-
+@pytest.mark.parametrize("select", SELECTS)
 @pytest.mark.parametrize("B,K,P", [(4, 63, 1), (4, 63, 63), (5, 1000, 17), (1, 1, 1),
                                    (4, 1000, 1000), (3, 9496, 256), (2, 4096, 4095)])
-def test_select_top_kernel(fresh_seed, B, K, P) -> None:
+def test_select_kernels(fresh_seed, select, B, K, P) -> None:
     s = selection_scores(B, K)
-    check_selection(s, P, *run_select(s, P))
+    check_selection(select, s, P, run_select(select, s, P))
 
 
-def test_select_top_kernel_fresh_random(fresh_seed) -> None:
+@pytest.mark.parametrize("select", SELECTS)
+def test_select_kernels_fresh_random(fresh_seed, select) -> None:
     for _ in range(3):
         B, K = int(torch.randint(1, 6, ())), int(torch.randint(1, 3000, ()))
         P = int(torch.randint(1, K + 1, ()))
         s = torch.randn(B, K) * 10 ** float(torch.empty(()).uniform_(-30, 30))
         s[:, torch.randperm(K)[:K // 3]] = float(s[0, 0])  # a large tie group somewhere
-        check_selection(s, P, *run_select(s, P))
+        check_selection(select, s, P, run_select(select, s, P))
 
 
-def test_torch_and_triton_selection_agree(assets, fresh_seed) -> None:
+@pytest.mark.parametrize("select", SELECTS)
+def test_triton_and_torch_selection_agree(assets, fresh_seed, select) -> None:
     h = torch.randn(5, D)
     args = (assets.centroids, assets.weight, assets.offsets, assets.token_ids, 6, C, 4)
-    a = triton_topk(h, *args, select="triton")
+    a = triton_topk(h, *args, select=select)
     b = triton_topk(h, *args, select="torch")
     rows = stable_rows(h, assets.centroids, 6, None)
     assert torch.equal(a[0][rows], b[0][rows]) and torch.equal(a[1][rows], b[1][rows])
