@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import json
 import statistics
 import sys
@@ -95,7 +96,10 @@ def tpot(prefill: Callable[[], object], one: Callable[[], object],
     return statistics.median(ms), ms, first_s
 
 
-def run(cfg: ExportTimesConfig) -> tuple[dict, list[dict]]:
+def run(cfg: ExportTimesConfig, on_row: Callable[[dict, list[dict]], None] | None = None
+        ) -> tuple[dict, list[dict]]:
+    """(metadata, one row per executor); on_row(meta, rows) after every row (partial results
+    survive a crash of a later row)."""
     import transformers
     import triton
 
@@ -145,16 +149,13 @@ def run(cfg: ExportTimesConfig) -> tuple[dict, list[dict]]:
                          bytes=step_bytes(model, step, assets, cfg.batch, cfg.probes),
                          raw_ms=[round(x, 4) for x in ms]))
         print(f"{name:<14} {med:8.3f} ms/token (first call {first_s:.1f} s)", flush=True)
+        if on_row is not None:
+            on_row(meta, rows)
 
     eager_prefill = lambda: step.prefill(prompt.input_ids, prompt.attention_mask)  # noqa: E731
     add("eager", eager_prefill, lambda: step(tok))
-    compiled = torch.compile(step.forward, mode=cfg.mode, fullgraph=True)
-
-    def compiled_one() -> None:
-        torch.compiler.cudagraph_mark_step_begin()
-        compiled(tok)
-    add("torch.compile", eager_prefill, compiled_one)
-
+    # The packages run before torch.compile so that compiled CUDA-graph trees cannot interfere
+    # with them (a segfault was seen once after the compile row, H200, torch 2.11).
     state = new_state(step)
     state_prefill = lambda: Prefill(step)(prompt.input_ids, prompt.attention_mask, state)  # noqa: E731
     runner = load(pkg_path)
@@ -174,6 +175,12 @@ def run(cfg: ExportTimesConfig) -> tuple[dict, list[dict]]:
             graph_runner(tok, state)
         state_prefill()                     # the captures above appended slots: start again
     add("aoti+graph", lambda: (state_prefill(), capture()), graph.replay)
+    compiled = torch.compile(step.forward, mode=cfg.mode, fullgraph=True)
+
+    def compiled_one() -> None:
+        torch.compiler.cudagraph_mark_step_begin()
+        compiled(tok)
+    add("torch.compile", eager_prefill, compiled_one)
     tmp.cleanup()
     return meta, rows
 
@@ -208,9 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = ExportTimesConfig(batch=a.batch, max_seq_len=a.max_seq_len, steps=a.steps,
                             mode=a.mode, eager_numerics=not a.aoti_fused_precision, out=a.out)
-    meta, rows = run(cfg)
+    faulthandler.enable()                   # a crash in a package prints the Python stack
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    cfg.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+    def save(meta: dict, rows: list[dict]) -> None:
+        cfg.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    meta, rows = run(cfg, save)
+    save(meta, rows)
     print(f"\nwrote {cfg.out}")
     print_table(meta, rows)
     return 0

@@ -9,9 +9,9 @@ Pipeline of `triton_topk` (every launch fixed-size, no host sync: CUDA-graph cap
      block of centroids once for all B rows, zeroes its block of flag [K], and counts the first
      digit (top 11 bits) of every score's order key into a per-row histogram (global atomics).
   2. Multi-program radix select (the default; one program per 1024 clusters of a row):
-     `_select_refine_kernel` counts the second digit (11 bits) of the scores whose first digit
-     is the P-th largest's; `_select_take_kernel` then knows the P-th largest to 22 bits (the
-     last 10 bits only when that bin must be split: ties), takes its chunk's picks, and writes
+     `_select_refine_kernel` twice counts the next digit (11, then 10 bits) of the scores whose
+     higher digits are the P-th largest's; `_select_take_kernel` then knows the P-th largest
+     exactly, takes its chunk's picks (exact ties: smallest cluster ids first), and writes
      pos [B, K] = the slot of cluster c among row b's P picks or -1, sel [B, P], flag [K] and
      the batch's cluster union [U] with its length (atomic counters, so any order).
      Alternatives (select=): "single", `_select_top_kernel`, one program per row (a radix select
@@ -56,8 +56,9 @@ def _launch(kernel: Any, grid: tuple[int, ...]) -> Any:
 
 
 # Multi-program radix select: the order key of an fp32 score (32 bits) in three digits, 11 + 11
-# + 10 bits from the top; histograms of the first two digits have _NBINS bins.
+# + 10 bits from the top, one histogram of _NBINS bins per digit and row.
 _NBINS: tl.constexpr = tl.constexpr(2048)
+_WS_ROW: tl.constexpr = tl.constexpr(3 * 2048)   # ints of workspace per row: 3 histograms
 _SELECT_CHUNK = 1024        # scores per program of the selection kernels
 
 
@@ -81,22 +82,30 @@ def _cut(hist, need, NB: tl.constexpr):
 
 
 @triton.jit
-def _select_refine_kernel(s_ptr, ws_ptr, K, P, CHUNK: tl.constexpr):
-    """Second digit of the multi-program radix select: ws[b, 1, digit 2] += 1 for the scores of
-    row b whose first digit is the P-th largest score's (read off ws[b, 0]).
+def _select_refine_kernel(s_ptr, ws_ptr, K, P, DIGIT: tl.constexpr, CHUNK: tl.constexpr):
+    """Digit 2 or 3 of the multi-program radix select: counts, for the scores of row b whose
+    higher digits equal those of the P-th largest score (read off the histograms before), their
+    DIGIT-th digit into ws[b, DIGIT - 1].
 
-    S [B, K] fp32; ws [B, 2, 2048] int32 (ws[b, 0] complete, ws[b, 1] zeroed before).
-    Grid (cdiv(K, CHUNK), B).  Cost: 4 * B * K + 8 KB * B * programs (L2) read.
+    S [B, K] fp32; ws [B, 3, 2048] int32 (histograms of the digits before complete, this one
+    zeroed before).  Grid (cdiv(K, CHUNK), B).  Cost: 4 * B * K + 8-16 KB * programs (L2) read.
     """
     b = tl.program_id(1).to(tl.int64)
     bins = tl.arange(0, _NBINS)
+    row_ws = ws_ptr + b * _WS_ROW
     need = tl.full((), 0, tl.int32) + P                  # (P == 1 arrives as a constexpr)
-    t1, need = _cut(tl.load(ws_ptr + b * (2 * _NBINS) + bins), need, _NBINS)
+    t1, need = _cut(tl.load(row_ws + bins), need, _NBINS)
     c = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
     ok = c < K
     u = _order_key64(tl.load(s_ptr + b * K + c, mask=ok, other=0.0))
-    tl.atomic_add(ws_ptr + b * (2 * _NBINS) + _NBINS + ((u >> 10) & 2047),
-                  tl.full((CHUNK,), 1, tl.int32), mask=ok & ((u >> 21) == t1), sem="relaxed")
+    if DIGIT == 2:
+        tl.atomic_add(row_ws + _NBINS + ((u >> 10) & 2047), tl.full((CHUNK,), 1, tl.int32),
+                      mask=ok & ((u >> 21) == t1), sem="relaxed")
+    else:
+        t2, need = _cut(tl.load(row_ws + _NBINS + bins), need, _NBINS)
+        prefix = (t1.to(tl.int64) << 11) | t2.to(tl.int64)
+        tl.atomic_add(row_ws + 2 * _NBINS + (u & 1023), tl.full((CHUNK,), 1, tl.int32),
+                      mask=ok & ((u >> 10) == prefix), sem="relaxed")
 
 
 @triton.jit
@@ -104,43 +113,32 @@ def _select_take_kernel(s_ptr, ws_ptr, flag_ptr, union_ptr, sel_ptr, pos_ptr, B,
                         CHUNK: tl.constexpr):
     """Last step of the multi-program radix select, the batch's cluster union included.
 
-    From ws [B, 2, 2048] (both digit histograms complete) the program finds the P-th largest
-    key T of row b to 22 bits.  If every key in T's 22-bit bin is needed (nearly always with
-    real scores) it takes the keys >= the bin's start; otherwise it resolves the last 10 bits
-    with a histogram over the row and takes the keys > T and the first ties (smallest cluster
-    ids) until P are taken.  For its chunk of clusters it then writes
+    From the three digit histograms in ws [B, 3, 2048] the program knows the P-th largest key
+    T of row b and how many keys equal to T are needed; it takes the keys > T and those ties,
+    the smallest cluster ids first (counting the ties of earlier chunks only when some ties
+    must be left out).  For its chunk of clusters it then writes
       pos [B, K] int32: the slot of cluster c among row b's P picks, or -1 (every element);
       sel [B, P] int64: sel[b, slot] = c (slots are handed out by an atomic counter per row,
           so their order is arbitrary; every slot written);
       flag [K] int32 (zeroed before) = 1 for every picked cluster, and the first program to
           flag a cluster appends it to union [U] int32; counters (zeroed before) after ws:
-          taken[b] = ws[2 * B * 2048 + b], union length n_union = ws[2 * B * 2048 + B].
+          taken[b] = ws[B * 6144 + b], union length n_union = ws[B * 6144 + B].
     Grid (cdiv(K, CHUNK), B).  Cost: 4 * B * K read, 4 * B * K + 8 * B * P written.
     """
     b = tl.program_id(1).to(tl.int64)
     bins = tl.arange(0, _NBINS)
-    row_ws = ws_ptr + b * (2 * _NBINS)
+    row_ws = ws_ptr + b * _WS_ROW
     need = tl.full((), 0, tl.int32) + P
     t1, need = _cut(tl.load(row_ws + bins), need, _NBINS)
-    h2 = tl.load(row_ws + _NBINS + bins)
-    t2, need = _cut(h2, need, _NBINS)
-    in_bin = tl.sum(tl.where(bins == t2, h2, 0), axis=0)
-    prefix = (t1.to(tl.int64) << 11) | t2.to(tl.int64)  # T's top 22 bits
-    thr = (prefix << 10) - 1            # take u > thr: every key of the bin and above
-    n_eq = tl.full((), 0, tl.int32)     # how many keys == thr to take
-    ties_before = tl.full((), 0, tl.int32)
+    t2, need = _cut(tl.load(row_ws + _NBINS + bins), need, _NBINS)
+    h3 = tl.load(row_ws + 2 * _NBINS + tl.arange(0, 1024))
+    t3, need = _cut(h3, need, 1024)
+    n_tie = tl.sum(tl.where(tl.arange(0, 1024) == t3, h3, 0), axis=0)
+    thr = (((t1.to(tl.int64) << 11) | t2.to(tl.int64)) << 10) | t3.to(tl.int64)   # T
     c0 = tl.program_id(0) * CHUNK
-    if need < in_bin:                   # ties or near-ties: the last 10 bits decide
-        h3 = tl.zeros((1024,), dtype=tl.int32)
-        for r0 in range(0, K, CHUNK):
-            r = r0 + tl.arange(0, CHUNK)
-            ur = _order_key64(tl.load(s_ptr + b * K + r, mask=r < K, other=0.0))
-            h3 += tl.histogram((ur & 1023).to(tl.int32), 1024,
-                               mask=(r < K) & ((ur >> 10) == prefix))
-        t3, need = _cut(h3, need, 1024)
-        thr = (prefix << 10) | t3.to(tl.int64)
-        n_eq = need
-        for r0 in range(0, c0, CHUNK):  # ties in earlier chunks come first
+    ties_before = tl.full((), 0, tl.int32)
+    if need < n_tie:                    # some keys equal to T stay out: earlier ids first
+        for r0 in range(0, c0, CHUNK):
             r = r0 + tl.arange(0, CHUNK)
             ur = _order_key64(tl.load(s_ptr + b * K + r, mask=r < K, other=0.0))
             ties_before += tl.sum(((r < K) & (ur == thr)).to(tl.int32), axis=0)
@@ -149,9 +147,9 @@ def _select_take_kernel(s_ptr, ws_ptr, flag_ptr, union_ptr, sel_ptr, pos_ptr, B,
     u = _order_key64(tl.load(s_ptr + b * K + c, mask=ok, other=0.0))
     tie = ok & (u == thr)
     rank = ties_before + tl.cumsum(tie.to(tl.int32), axis=0) - 1
-    take = ok & ((u > thr) | (tie & (rank < n_eq)))
+    take = ok & ((u > thr) | (tie & (rank < need)))
     taken = take.to(tl.int32)
-    counters = ws_ptr + B * (2 * _NBINS)
+    counters = ws_ptr + B * _WS_ROW
     base = tl.atomic_add(counters + b, tl.sum(taken, axis=0), sem="relaxed")
     slot = base + tl.cumsum(taken, axis=0) - 1
     tl.store(pos_ptr + b * K + c, tl.where(take, slot, -1), mask=ok)
@@ -173,7 +171,7 @@ def _centroid_scores_kernel(h_ptr, cent_ptr, noise_ptr, s_ptr, flag_ptr, ws_ptr,
     16-bit type, whose products are exact in fp32 anyway); noise [B, K] any float (read only
     with HAS_NOISE); S [B, K] fp32, every element written; flag [K] int32 zeroed (here, so that
     the selection can mark it without a memset launch).  With HIST, also the first digit's
-    histogram of the multi-program selection (see `_select_refine_kernel`): ws [B, 2, 2048] int32
+    histogram of the multi-program selection (see `_select_refine_kernel`): ws [B, 3, 2048] int32
     (zeroed before) gets ws[b, 0, top 11 bits of the score's order key] += 1.  Grid (cdiv(K, BLOCK_K),
     cdiv(B, BLOCK_B)): a program reads its BLOCK_K centroids once for BLOCK_B rows.
     Cost: K * D * elt bytes of centroids (29 MB for K=9496, D=1536 bf16) + 4 * B * K written.
@@ -206,7 +204,7 @@ def _centroid_scores_kernel(h_ptr, cent_ptr, noise_ptr, s_ptr, flag_ptr, ws_ptr,
     tl.store(s_ptr + out, acc, mask=out_mask)
     if HIST:
         u = _order_key64(acc)
-        tl.atomic_add(ws_ptr + b[None, :].to(tl.int64) * (2 * _NBINS) + (u >> 21),
+        tl.atomic_add(ws_ptr + b[None, :].to(tl.int64) * _WS_ROW + (u >> 21),
                       tl.full((BLOCK_K, BLOCK_B), 1, tl.int32), mask=out_mask, sem="relaxed")
     if tl.program_id(1) == 0:
         tl.store(flag_ptr + rows, tl.zeros((BLOCK_K,), dtype=tl.int32), mask=row_ok)
@@ -487,9 +485,9 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
     multi = select in ("auto", "multi")
     scores = _empty((B, K), torch.float32, dev)                         # S: [B, K] fp32
     flag = _empty((K,), torch.int32, dev)             # flag: [K] int32, zeroed by stage 1
-    # ws: the multi-program selection's digit histograms [B, 2, 2048] and counters [B + 1]
-    # (rows taken, union length), int32, one memset.
-    ws = torch.zeros((B * 2 * 2048 + B + 1,) if multi else (1,), dtype=torch.int32, device=dev)
+    # ws: the multi-program selection's digit histograms [B, 3, 2048] and counters [B + 1]
+    # (picks per row, union length), int32, one memset.
+    ws = torch.zeros((B * 3 * 2048 + B + 1,) if multi else (1,), dtype=torch.int32, device=dev)
     # Without noise the kernel never reads noise_ptr; h stands in (not `scores`: one tensor as
     # both a read and a written argument would look aliased to Inductor).
     noise = centroid_noise.contiguous() if centroid_noise is not None else h
@@ -503,10 +501,12 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
     pos = _empty((B, K), torch.int32, dev)                              # pos: [B, K] int32
     if multi:
         grid = (triton.cdiv(K, _SELECT_CHUNK), B)
-        _launch(_select_refine_kernel, grid)(scores, ws, K, P, CHUNK=_SELECT_CHUNK)
+        for digit in (2, 3):
+            _launch(_select_refine_kernel, grid)(scores, ws, K, P, DIGIT=digit,
+                                                 CHUNK=_SELECT_CHUNK)
         _launch(_select_take_kernel, grid)(scores, ws, flag, union, sel, pos, B, K, P,
                                            CHUNK=_SELECT_CHUNK)
-        n_union = ws[B * 2 * 2048 + B:]                                  # [1] int32
+        n_union = ws[B * 3 * 2048 + B:]                                  # [1] int32
     else:
         if select == "single":
             _launch(_select_top_kernel, (B,))(scores, sel, pos, flag, K, P,

@@ -29,13 +29,13 @@ def selection_scores(B: int, K: int, device: str = "cpu") -> torch.Tensor:
 
 
 def first_digit_histogram(s: torch.Tensor) -> torch.Tensor:
-    """ws [B, 2, 2048] int32 as `_centroid_scores_kernel` leaves it (HIST=True) plus the zeroed
+    """ws [B, 3, 2048] int32 as `_centroid_scores_kernel` leaves it (HIST=True) plus the zeroed
     counters: digit 1 = top 11 bits of the order key of each score (-0.0 counted as +0.0)."""
     B, K = s.shape
     bits = torch.where(s == 0, torch.zeros_like(s), s).view(torch.int32)
     key = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).long() + 2**31
-    ws = torch.zeros(B * 2 * 2048 + B + 1, dtype=torch.int32, device=s.device)
-    hist = ws[:B * 2 * 2048].view(B, 2, 2048)
+    ws = torch.zeros(B * 3 * 2048 + B + 1, dtype=torch.int32, device=s.device)
+    hist = ws[:B * 3 * 2048].view(B, 3, 2048)
     for b in range(B):
         hist[b, 0] = torch.bincount(key[b] >> 21, minlength=2048).int()
     return ws
@@ -57,8 +57,9 @@ def run_select(select: str, s: torch.Tensor, P: int) -> dict[str, torch.Tensor]:
         union = poisoned_empty((min(B * P, K),), torch.int32, dev)
         chunk = flashhead_triton._SELECT_CHUNK
         grid = (triton.cdiv(K, chunk), B)
-        flashhead_triton._launch(flashhead_triton._select_refine_kernel, grid)(
-            s, ws, K, P, CHUNK=chunk)
+        for digit in (2, 3):
+            flashhead_triton._launch(flashhead_triton._select_refine_kernel, grid)(
+                s, ws, K, P, DIGIT=digit, CHUNK=chunk)
         flashhead_triton._launch(flashhead_triton._select_take_kernel, grid)(
             s, ws, flag, union, sel, pos, B, K, P, CHUNK=chunk)
         out.update(union=union, n_union=ws[-1:])
