@@ -44,6 +44,7 @@ class ExportTimesConfig:
     k: int = 64
     mode: str = "reduce-overhead"  # torch.compile mode of the baseline (CUDA graphs, no autotune)
     build_iters: int = 2
+    layers: int = 28              # < 28: the architecture cut short (diagnostics: package size)
     eager_numerics: bool = True   # the CLI's default: bf16 rounded as in eager (export.aoti)
     out: Path = field(default_factory=lambda: Path("results/export_times.json"))
 
@@ -110,7 +111,7 @@ def run(cfg: ExportTimesConfig, on_row: Callable[[dict, list[dict]], None] | Non
     from fh_compile import build_assets, swap_head
     from fh_compile.decode import DecodeStep
 
-    model = r1_distill_qwen_1p5b()
+    model = r1_distill_qwen_1p5b(layers=cfg.layers)
     assets, build_s = _timed(lambda: build_assets(
         model.get_output_embeddings().weight, cluster_size=16, coarse_iters=cfg.build_iters,
         fine_iters=cfg.build_iters))
@@ -121,7 +122,8 @@ def run(cfg: ExportTimesConfig, on_row: Callable[[dict, list[dict]], None] | Non
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, transformers=transformers.__version__,
                 date=datetime.datetime.now().isoformat(timespec="seconds"),
-                model="random DeepSeek-R1-Distill-Qwen-1.5B architecture, bf16",
+                model=f"random DeepSeek-R1-Distill-Qwen-1.5B architecture, bf16, {cfg.layers} "
+                      f"of 28 layers",
                 assets_build_s=round(build_s, 2), config={
                     k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()})
     print(f"{meta['gpu']}: torch {meta['torch']}, triton {meta['triton']}, transformers "
@@ -134,8 +136,10 @@ def run(cfg: ExportTimesConfig, on_row: Callable[[dict, list[dict]], None] | Non
     tmp = tempfile.TemporaryDirectory(prefix="export_times_")  # the package holds 3.5 GB
     pkg_path, aoti_s = _timed(lambda: package(decode_ep, Path(tmp.name) / "decode.aoti.pt2",
                                               cfg.eager_numerics))
+    pkg_gb = pkg_path.stat().st_size / 1e9
     print(f"torch.export: prefill {export_prefill_s:.1f} s, decode {export_decode_s:.1f} s; "
-          f"AOTI decode compile {aoti_s:.1f} s", flush=True)
+          f"AOTI decode compile {aoti_s:.1f} s, package {pkg_gb:.2f} GB", flush=True)
+    meta["aoti_package_gb"] = round(pkg_gb, 3)
     meta.update(export_prefill_s=round(export_prefill_s, 2),
                 export_decode_s=round(export_decode_s, 2), aoti_compile_decode_s=round(aoti_s, 2))
 
@@ -207,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode of the baseline")
     p.add_argument("--aoti-fused-precision", action="store_true",
                    help="package without emulate_precision_casts (as export.run's flag)")
+    p.add_argument("--layers", type=int, default=28,
+                   help="decoder layers (default 28, the real depth; fewer only to diagnose)")
     p.add_argument("--out", type=Path, default=Path("results/export_times.json"))
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -214,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
               "timing); run it on the GPU machine", file=sys.stderr)
         return 2
     cfg = ExportTimesConfig(batch=a.batch, max_seq_len=a.max_seq_len, steps=a.steps,
-                            mode=a.mode, eager_numerics=not a.aoti_fused_precision, out=a.out)
+                            mode=a.mode, eager_numerics=not a.aoti_fused_precision,
+                            layers=a.layers, out=a.out)
     faulthandler.enable()                   # a crash in a package prints the Python stack
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
 

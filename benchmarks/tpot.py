@@ -63,12 +63,13 @@ class TpotConfig:
             raise ValueError(f"unknown heads {sorted(unknown)}; choose from {HEADS}")
 
 
-def r1_distill_qwen_1p5b(dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
-    """DeepSeek-R1-Distill-Qwen-1.5B's architecture with seeded random weights, on the GPU."""
+def r1_distill_qwen_1p5b(dtype: torch.dtype = torch.bfloat16, layers: int = 28) -> torch.nn.Module:
+    """DeepSeek-R1-Distill-Qwen-1.5B's architecture with seeded random weights, on the GPU
+    (`layers` < 28: the same model cut short, for diagnostics)."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     cfg = Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                      num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                      num_hidden_layers=layers, num_attention_heads=12, num_key_value_heads=2,
                       max_position_embeddings=131072, tie_word_embeddings=False,
                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
                       rms_norm_eps=1e-6, use_sliding_window=False)
