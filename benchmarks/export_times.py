@@ -225,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.enable()                   # a crash in a package prints the Python stack
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
 
+    command = " ".join(["python -m benchmarks.export_times",
+                        *(argv if argv is not None else sys.argv[1:])])
+
     def save(meta: dict, rows: list[dict]) -> None:
+        meta["command"] = command
         cfg.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     meta, rows = run(cfg, save)
     save(meta, rows)

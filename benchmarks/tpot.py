@@ -326,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
                          mode=a.mode or "reduce-overhead",
                          budget_s=a.budget_s, out=a.out)
     meta, rows = run(cfg)
+    meta["command"] = " ".join(["python -m benchmarks.tpot",
+                                *(argv if argv is not None else sys.argv[1:])])
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     cfg.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     print(f"\nwrote {cfg.out}")
