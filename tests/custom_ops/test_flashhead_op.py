@@ -118,3 +118,15 @@ def test_bad_inputs_raise_documented_errors(assets) -> None:
 
 def test_front_is_exported() -> None:
     assert set(custom_ops.__all__) >= {"flashhead_topk", "FlashHeadTopK", "FlashHeadInputError"}
+
+
+def test_triton_topk_refuses_unknown_or_oversized_selection(assets) -> None:
+    # The checks run before any kernel launch, so CPU tensors reach them.
+    from custom_ops.flashhead_triton import triton_topk
+
+    args = op_args(assets, torch.randn(2, 96))[:-1]
+    with pytest.raises(ValueError, match="select must be 'auto', 'multi', 'single' or 'torch'"):
+        triton_topk(*args, select="bitonic")
+    wide = torch.zeros(16385, 96)                   # more clusters than one program holds
+    with pytest.raises(ValueError, match="select='single' holds at most 16384 clusters.*'multi'"):
+        triton_topk(args[0], wide, *args[2:], select="single")
