@@ -63,12 +63,18 @@ _SELECT_CHUNK = 1024        # scores per program of the selection kernels
 
 
 @triton.jit
-def _order_key64(s):
-    """int64 in [0, 2**32) with the order of the fp32 scores s (-0.0 == +0.0)."""
+def _order_key32(s):
+    """int32 with the order of the fp32 scores s (-0.0 == +0.0, so they make equal keys);
+    `_decode_key` inverts it."""
     s = tl.where(s == 0.0, 0.0, s)
     bits = s.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)      # int32 order == float order
-    return key.to(tl.int64) + 2147483648
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _order_key64(s):
+    """int64 in [0, 2**32) with the order of the fp32 scores s (-0.0 == +0.0)."""
+    return _order_key32(s).to(tl.int64) + 2147483648
 
 
 @triton.jit
@@ -231,10 +237,7 @@ def _select_top_kernel(s_ptr, sel_ptr, pos_ptr, flag_ptr, K, P, BLOCK_K: tl.cons
     b = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK_K)
     ok = c < K
-    s = tl.load(s_ptr + b * K + c, mask=ok, other=0.0)
-    s = tl.where(s == 0.0, 0.0, s)                      # -0.0 ties with +0.0, as in floats
-    bits = s.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int order == float order
+    key = _order_key32(tl.load(s_ptr + b * K + c, mask=ok, other=0.0))
     sign = tl.full((), 1, tl.int32) << 31
     # u: unsigned order as bits, so digits compare.  Lanes past K get u = 0, below every real
     # score (u = 0 is one NaN pattern, and a tie with it goes to the real, smaller ids first),
@@ -362,9 +365,7 @@ def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union
         else:
             acc = tl.dot(hv, tl.trans(wv), acc)
     score = tl.where(valid[None, :], acc, float("-inf"))
-    score = tl.where(score == 0.0, 0.0, score)         # -0.0 and +0.0 must make equal keys
-    bits = score.to(tl.int32, bitcast=True)
-    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)   # float order == int order
+    ordered = _order_key32(score)
     tid = tl.load(token_ids_ptr + rows)                                 # [GROUP * BLOCK_C]
     key = (ordered.to(tl.int64) << 32) | (2147483647 - tid)[None, :]
     p = tl.load(pos_ptr + b[:, None].to(tl.int64) * K + c[None, :],
