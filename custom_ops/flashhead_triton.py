@@ -498,8 +498,12 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
         BLOCK_B=blk.block_b, BLOCK_D=blk.block_d, **blk.launch)
     U = torch.sym_min(B * P, K)                  # no guard on B when B is symbolic
     union = _empty((U,), torch.int32, dev)                              # union: [U] int32
-    sel = _empty((B, P), torch.int64, dev)                              # sel: [B, P] int64
-    pos = _empty((B, K), torch.int32, dev)                              # pos: [B, K] int32
+    if select == "torch":       # torch.topk picks; `_mark_selected_kernel` fills pos below
+        sel = torch.topk(scores, P, dim=1, sorted=False).indices
+        pos = torch.full((B, K), -1, dtype=torch.int32, device=dev)
+    else:                       # written by the Triton selection
+        sel = _empty((B, P), torch.int64, dev)                          # sel: [B, P] int64
+        pos = _empty((B, K), torch.int32, dev)                          # pos: [B, K] int32
     if multi:
         grid = (triton.cdiv(K, _SELECT_CHUNK), B)
         for digit in (2, 3):
@@ -513,8 +517,6 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
             _launch(_select_top_kernel, (B,))(scores, sel, pos, flag, K, P,
                                               BLOCK_K=triton.next_power_of_2(K))
         else:
-            sel = torch.topk(scores, P, dim=1, sorted=False).indices
-            pos = torch.full((B, K), -1, dtype=torch.int32, device=dev)
             _launch(_mark_selected_kernel, (triton.cdiv(B * P, 1024),))(
                 sel, pos, flag, B, K, P, BLOCK=1024)
         n_union = _empty((1,), torch.int32, dev)                        # n_union: [1] int32
