@@ -32,6 +32,8 @@ from typing import Callable
 
 import torch
 
+from benchmarks import cuda_missing
+
 
 @dataclass(frozen=True)
 class ExportTimesConfig:
@@ -215,9 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="decoder layers (default 28, the real depth; fewer only to diagnose)")
     p.add_argument("--out", type=Path, default=Path("results/export_times.json"))
     a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("benchmarks.export_times needs a CUDA GPU (AOTInductor CUDA packages and CUDA-event "
-              "timing); run it on the GPU machine", file=sys.stderr)
+    if cuda_missing("benchmarks.export_times", "AOTInductor CUDA packages and CUDA-event timing"):
         return 2
     cfg = ExportTimesConfig(batch=a.batch, max_seq_len=a.max_seq_len, steps=a.steps,
                             mode=a.mode, eager_numerics=not a.aoti_fused_precision,

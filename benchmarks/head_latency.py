@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 
+from benchmarks import cuda_missing
+
 METHODS = ("dense", "reference", "triton", "triton_single", "triton_topksel")
 
 
@@ -212,9 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="also print per-kernel GPU times of the Triton op at probes 256")
     p.add_argument("--out", type=Path, default=Path("results/head_latency.json"))
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("error: head_latency needs a CUDA GPU (torch.cuda.is_available() is False); run it "
-              "on the GPU machine", file=sys.stderr)
+    if cuda_missing("benchmarks.head_latency", "the op's Triton kernels and CUDA graphs"):
         return 2
     kw: dict = {"out": args.out, "profile": args.profile}
     if args.quick:

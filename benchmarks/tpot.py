@@ -33,6 +33,8 @@ from typing import Callable
 
 import torch
 
+from benchmarks import cuda_missing
+
 HEADS = ("body", "dense", "fh-triton", "fh-reference")
 
 
@@ -311,9 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                         "fh-reference or fused row, mode reduce-overhead (CUDA graphs, no "
                         "autotuning)")
     a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("benchmarks.tpot needs a CUDA GPU (time per output token is measured with CUDA "
-              "events and CUDA graphs); run it on the GPU machine", file=sys.stderr)
+    if cuda_missing("benchmarks.tpot", "time per output token is measured with CUDA events "
+                    "and CUDA graphs"):
         return 2
     cfg = TpotConfig(model=a.model, batches=tuple(a.batch), prompt_len=a.prompt_len,
                      new_tokens=a.new_tokens, heads=tuple(a.heads), probes=a.probes,
