@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from benchmarks.tpot import TpotConfig, group, step_bytes
 from fh_compile import build_assets
 from tests.fh_compile.lm_fixtures import tiny_lm
