@@ -161,14 +161,14 @@ def run(cfg: ExportTimesConfig, on_row: Callable[[dict, list[dict]], None] | Non
     eager_prefill = lambda: step.prefill(prompt.input_ids, prompt.attention_mask)  # noqa: E731
     add("eager", eager_prefill, lambda: step(tok))
     # The packages run before torch.compile, so compiled CUDA-graph trees cannot interfere with
-    # them.  (On the H200 with torch 2.11, loading the package segfaults whether or not the
-    # compile row ran first; with on_row the eager row is already on disk then.)
+    # them.  export.aoti.load imports onnxruntime first (see import_onnxruntime_first: without it
+    # the load segfaulted on the H200 with torch 2.11).
     state = new_state(step)
     state_prefill = lambda: Prefill(step)(prompt.input_ids, prompt.attention_mask, state)  # noqa: E731
     runner = load(pkg_path)
     add("aoti", state_prefill, lambda: runner(tok, state))
 
-    graph_runner = torch._inductor.aoti_load_package(str(pkg_path), run_single_threaded=True)
+    graph_runner = load(pkg_path, run_single_threaded=True)
     graph = torch.cuda.CUDAGraph()
 
     def capture() -> None:

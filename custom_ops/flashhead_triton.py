@@ -19,9 +19,9 @@ Pipeline of `triton_topk` (every launch fixed-size, no host sync: CUDA-graph cap
      the union with `_compact_union_kernel` (one program, increasing cluster order).
   3. `_score_union_kernel`: each program reads the C weight rows of one (or, for large B, a few)
      union clusters once, scores them against all B rows, and writes the rows that picked each
-     cluster into keys [B, P * C] (logit, then smallest id, in one int64).
-  4. `_best_key_kernel` for k = 1 (torch.topk and `_decode_keys_kernel` above) gives the k best
-     ids and logits, best first, decoded from the keys.
+     cluster into keys [B, P * C] (logit, then smallest id, in one int64).  For k = 1 it keeps
+     only each row's largest key (atomic max) and its last program to finish writes ids and
+     logits; for k > 1 torch.topk over the keys and `_decode_keys_kernel` give the k best.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def _launch(kernel: Any, grid: tuple[int, ...]) -> Any:
 _NBINS: tl.constexpr = tl.constexpr(2048)
 _WS_ROW: tl.constexpr = tl.constexpr(3 * 2048)   # ints of workspace per row: 3 histograms
 _SELECT_CHUNK = 1024        # scores per program of the selection kernels
+_KEY_MIN: tl.constexpr = tl.constexpr(-9223372036854775807 - 1)   # below every candidate key
 
 
 @triton.jit
@@ -167,8 +168,9 @@ def _select_take_kernel(s_ptr, ws_ptr, flag_ptr, union_ptr, sel_ptr, pos_ptr, B,
 
 
 @triton.jit
-def _centroid_scores_kernel(h_ptr, cent_ptr, noise_ptr, s_ptr, flag_ptr, ws_ptr, B, K, D,
-                            HAS_NOISE: tl.constexpr, HIST: tl.constexpr, DOT_FP32: tl.constexpr,
+def _centroid_scores_kernel(h_ptr, cent_ptr, noise_ptr, s_ptr, flag_ptr, ws_ptr, best_ptr, B, K,
+                            D, HAS_NOISE: tl.constexpr, HIST: tl.constexpr,
+                            INIT_BEST: tl.constexpr, DOT_FP32: tl.constexpr,
                             EVEN_D: tl.constexpr, BLOCK_K: tl.constexpr,
                             BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     """S[b, c] = sum_d h[b, d] * centroids[c, d] (+ noise[b, c]), fp32 accumulation.
@@ -178,7 +180,9 @@ def _centroid_scores_kernel(h_ptr, cent_ptr, noise_ptr, s_ptr, flag_ptr, ws_ptr,
     with HAS_NOISE); S [B, K] fp32, every element written; flag [K] int32 zeroed (here, so that
     the selection can mark it without a memset launch).  With HIST, also the first digit's
     histogram of the multi-program selection (see `_select_refine_kernel`): ws [B, 3, 2048] int32
-    (zeroed before) gets ws[b, 0, top 11 bits of the score's order key] += 1.  Grid (cdiv(K, BLOCK_K),
+    (zeroed before) gets ws[b, 0, top 11 bits of the score's order key] += 1.  With INIT_BEST,
+    best [B + 1] int64 (k = 1, see `_score_union_kernel`) = B times the smallest int64, then 0.
+    Grid (cdiv(K, BLOCK_K),
     cdiv(B, BLOCK_B)): a program reads its BLOCK_K centroids once for BLOCK_B rows.
     Cost: K * D * elt bytes of centroids (29 MB for K=9496, D=1536 bf16) + 4 * B * K written.
     """
@@ -214,6 +218,11 @@ def _centroid_scores_kernel(h_ptr, cent_ptr, noise_ptr, s_ptr, flag_ptr, ws_ptr,
                       tl.full((BLOCK_K, BLOCK_B), 1, tl.int32), mask=out_mask, sem="relaxed")
     if tl.program_id(1) == 0:
         tl.store(flag_ptr + rows, tl.zeros((BLOCK_K,), dtype=tl.int32), mask=row_ok)
+    if INIT_BEST:
+        if tl.program_id(0) == 0:
+            tl.store(best_ptr + b, tl.full((BLOCK_B,), _KEY_MIN, tl.int64), mask=b_ok)
+            if tl.program_id(1) == 0:
+                tl.store(best_ptr + B, tl.zeros((), dtype=tl.int64))
 
 
 # One config (no benchmarking, so safe inside CUDA-graph capture): 16 warps keep 16384 keys at
@@ -313,10 +322,10 @@ def _compact_union_kernel(flag_ptr, union_ptr, n_union_ptr, K, BLOCK: tl.constex
 
 @triton.jit
 def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union_ptr,
-                        n_union_ptr, key_ptr, B, K, D, NCAND,
-                        C: tl.constexpr, GROUP: tl.constexpr, DOT_FP32: tl.constexpr,
-                        EVEN_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
+                        n_union_ptr, key_ptr, ids_ptr, logit_ptr, B, K, D, NCAND,
+                        C: tl.constexpr, GROUP: tl.constexpr, BEST: tl.constexpr,
+                        DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_B: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """Exact logits of the union's clusters for the rows that picked them.
 
     h [B, D]; weight [V, D] reordered; offsets [K + 1] int64; token_ids [V] int64; pos [B, K]
@@ -328,15 +337,42 @@ def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union
           (2**31 - 1 - vocab id), so the largest key is the largest logit, ties to the smallest
           vocab id; the logit is exact and decodes back from the key (`_decode_key`); padding
           slots of short clusters hold -inf and token_ids[0], like the reference.
-    Every (b, p) slot is written exactly once.  Programs past the union's length exit at once.
+    Every (b, p) slot is written exactly once.  Programs past the union's length skip the work.
+    BEST (k = 1): no key array; key [B + 1] int64 (set by `_centroid_scores_kernel`) gets
+    key[b] = max(key[b], the program's best key of row b) by atomics, key[B] counts finished
+    programs, and the last program to finish decodes key[:B] into ids [B, 1] int64 and logits
+    [B, 1] fp32 (so no reduction launch follows).
     GROUP > 1 for large batches, so that h (B * D, re-read by every program from L2) stays no
     larger than the weight rows a program reads.
     Cost: |union| * C * D * elt bytes of weight (12.6 MB for 256 clusters, C=16, D=1536 bf16;
     all 467 MB when the union covers every cluster) + 8 * B * P * C bytes written.
     """
     n_union = tl.load(n_union_ptr)
-    if tl.program_id(0) * GROUP >= n_union:
-        return
+    if tl.program_id(0) * GROUP < n_union:
+        _score_union_block(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union_ptr,
+                           n_union, key_ptr, B, K, D, NCAND, C, GROUP, BEST, DOT_FP32, EVEN_D,
+                           BLOCK_B, BLOCK_C, BLOCK_D)
+    if BEST:
+        # Last program out decodes the row maxima.  The barrier orders every thread's atomic_max
+        # before the counter's release; the counter's acquire orders the reads after it.
+        tl.debug_barrier()
+        done = tl.atomic_add(key_ptr + B, 1, sem="acq_rel")
+        if done == tl.num_programs(0) * tl.num_programs(1) - 1:
+            for r0 in range(0, B, BLOCK_B):
+                r = r0 + tl.arange(0, BLOCK_B)
+                best = tl.atomic_max(key_ptr + r, tl.full((BLOCK_B,), _KEY_MIN, tl.int64),
+                                     mask=r < B, sem="relaxed")     # an atomic read
+                vid, logit = _decode_key(best)
+                tl.store(ids_ptr + r, vid, mask=r < B)
+                tl.store(logit_ptr + r, logit, mask=r < B)
+
+
+@triton.jit
+def _score_union_block(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union_ptr, n_union,
+                       key_ptr, B, K, D, NCAND, C: tl.constexpr, GROUP: tl.constexpr,
+                       BEST: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The work of one `_score_union_kernel` program (see there)."""
     lane = tl.arange(0, GROUP * BLOCK_C)                # GROUP clusters side by side
     i = lane % BLOCK_C                                  # row inside its cluster
     j = tl.program_id(0) * GROUP + lane // BLOCK_C      # union slot of the lane
@@ -370,9 +406,13 @@ def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union
     key = (ordered.to(tl.int64) << 32) | (2147483647 - tid)[None, :]
     p = tl.load(pos_ptr + b[:, None].to(tl.int64) * K + c[None, :],
                 mask=b_ok[:, None] & live[None, :], other=-1)   # [BLOCK_B, GROUP * BLOCK_C]
-    out = b[:, None].to(tl.int64) * NCAND + p * C + i[None, :]
     out_mask = (p >= 0) & (i < C)[None, :]
-    tl.store(key_ptr + out, key, mask=out_mask)
+    if BEST:
+        row_best = tl.max(tl.where(out_mask, key, _KEY_MIN), axis=1)        # [BLOCK_B]
+        tl.atomic_max(key_ptr + b, row_best, mask=b_ok & (row_best > _KEY_MIN), sem="relaxed")
+    else:
+        out = b[:, None].to(tl.int64) * NCAND + p * C + i[None, :]
+        tl.store(key_ptr + out, key, mask=out_mask)
 
 
 @triton.jit
@@ -382,22 +422,6 @@ def _decode_key(key):
     ordered = hi.to(tl.int32)
     bits = tl.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF)
     return 2147483647 - (key - (hi << 32)), bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _best_key_kernel(key_ptr, ids_ptr, logit_ptr, NCAND, BLOCK: tl.constexpr):
-    """k = 1: ids[b], logits[b] = the decoded largest key of row b (largest logit, then
-    smallest id).  key [B, NCAND] int64; ids [B, 1] int64; logits [B, 1] fp32.  One program per
-    row.  Cost: 8 * B * NCAND read."""
-    b = tl.program_id(0).to(tl.int64)
-    best = tl.full((), -9223372036854775807 - 1, tl.int64)
-    for c0 in range(0, NCAND, BLOCK):
-        c = c0 + tl.arange(0, BLOCK)
-        k = tl.load(key_ptr + b * NCAND + c, mask=c < NCAND, other=-9223372036854775807 - 1)
-        best = tl.maximum(best, tl.max(k, axis=0))
-    vid, logit = _decode_key(best)
-    tl.store(ids_ptr + b, vid)
-    tl.store(logit_ptr + b, logit)
 
 
 @triton.jit
@@ -492,10 +516,14 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
     # Without noise the kernel never reads noise_ptr; h stands in (not `scores`: one tensor as
     # both a read and a written argument would look aliased to Inductor).
     noise = centroid_noise.contiguous() if centroid_noise is not None else h
+    # keys: k = 1: [B + 1] int64, the row maxima and a program counter (set up by stage 1,
+    # decoded by the last stage-2 program); else every candidate's key [B, P * C].
+    keys = _empty((B + 1,) if k == 1 else (B, P * C), torch.int64, dev)
     _launch(_centroid_scores_kernel, (triton.cdiv(K, blk.block_k), nb))(
-        h, centroids, noise, scores, flag, ws, B, K, D, HAS_NOISE=centroid_noise is not None,
-        HIST=multi, DOT_FP32=blk.dot_fp32, EVEN_D=even_d, BLOCK_K=blk.block_k,
-        BLOCK_B=blk.block_b, BLOCK_D=blk.block_d, **blk.launch)
+        h, centroids, noise, scores, flag, ws, keys, B, K, D,
+        HAS_NOISE=centroid_noise is not None, HIST=multi, INIT_BEST=k == 1,
+        DOT_FP32=blk.dot_fp32, EVEN_D=even_d, BLOCK_K=blk.block_k, BLOCK_B=blk.block_b,
+        BLOCK_D=blk.block_d, **blk.launch)
     U = torch.sym_min(B * P, K)                  # no guard on B when B is symbolic
     union = _empty((U,), torch.int32, dev)                              # union: [U] int32
     if select == "torch":       # torch.topk picks; `_mark_selected_kernel` fills pos below
@@ -522,17 +550,13 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
         n_union = _empty((1,), torch.int32, dev)                        # n_union: [1] int32
         _launch(_compact_union_kernel, (1,))(flag, union, n_union, K, BLOCK=4096, num_warps=8)
 
-    keys = _empty((B, P * C), torch.int64, dev)                         # keys: [B, P * C]
-    _launch(_score_union_kernel, (triton.cdiv(U, blk.group), nb))(
-        h, weight, offsets, token_ids, pos, union, n_union, keys, B, K, D, P * C, C=C,
-        GROUP=blk.group, DOT_FP32=blk.dot_fp32, EVEN_D=even_d, BLOCK_B=blk.block_b,
-        BLOCK_C=blk.block_c, BLOCK_D=blk.block_d, **blk.launch)
     ids = torch.empty((B, k), dtype=torch.int64, device=dev)             # ids: [B, k] int64
     logits = torch.empty((B, k), dtype=torch.float32, device=dev)       # logits: [B, k] fp32
-    if k == 1:      # one reduction instead of a 64-bit radix select
-        _launch(_best_key_kernel, (B,))(keys, ids, logits, P * C,
-                                        BLOCK=min(4096, triton.next_power_of_2(P * C)))
-    else:
+    _launch(_score_union_kernel, (triton.cdiv(U, blk.group), nb))(
+        h, weight, offsets, token_ids, pos, union, n_union, keys, ids, logits, B, K, D, P * C,
+        C=C, GROUP=blk.group, BEST=k == 1, DOT_FP32=blk.dot_fp32, EVEN_D=even_d,
+        BLOCK_B=blk.block_b, BLOCK_C=blk.block_c, BLOCK_D=blk.block_d, **blk.launch)
+    if k > 1:
         best = torch.topk(keys, k, dim=1).values                       # [B, k], best first
         _launch(_decode_keys_kernel, (triton.cdiv(B * k, 1024),))(best, ids, logits, B * k,
                                                                     BLOCK=1024)

@@ -43,9 +43,26 @@ def package(program: ExportedProgram, path: Path, eager_numerics: bool = True) -
         program, package_path=str(path), inductor_configs=inductor_configs(eager_numerics)))
 
 
-def load(path: str | Path):
-    """The package's callable: same arguments and outputs as the exported program."""
-    return torch._inductor.aoti_load_package(str(path))
+def import_onnxruntime_first() -> bool:
+    """Workaround for a crash seen on the GPU machine (H200, torch 2.11.0+cu130, Ubuntu 24.04,
+    2026-11-26): in a process that has not imported onnxruntime, `aoti_load_package` of any
+    package, even a CUDA package of a lone nn.Linear, segfaults inside the package's own C++ (native
+    backtrace: std::regex construction in torch::aot_inductor::parse_device_str, called by the
+    model container's constructor); the same package loads and runs once onnxruntime is imported
+    (importing transformers instead does not help).  The cause was not found.  Returns whether
+    onnxruntime could be imported (it is an optional extra)."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load(path: str | Path, **kwargs):
+    """The package's callable: same arguments and outputs as the exported program.  kwargs go
+    to torch._inductor.aoti_load_package (e.g. run_single_threaded=True for CUDA graphs)."""
+    import_onnxruntime_first()
+    return torch._inductor.aoti_load_package(str(path), **kwargs)
 
 
 def package_and_verify(step: DecodeStep, programs: dict[str, ExportedProgram], out: Path,

@@ -14,6 +14,30 @@ from triton_poison import poisoned_empty
 SELECTS = ("single", "multi")
 
 
+def stable_rows(h, centroids, probes, noise=None, tol=1e-4) -> torch.Tensor:
+    """Rows whose P-th and (P+1)-th centroid scores (fp64, from the given h and centroids)
+    differ by more than tol; elsewhere rounding may legitimately pick another cluster set than
+    the reference."""
+    s = h.double() @ centroids.double().t()
+    if noise is not None:
+        s = s + noise.double()
+    if probes == s.shape[1]:
+        return torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+    top = s.topk(probes + 1, dim=1).values
+    return (top[:, -2] - top[:, -1]) > tol
+
+
+def draw_h(centroids, B, probes, noise=None, dtype=torch.float32, tol=1e-4) -> torch.Tensor:
+    """h [B, D] (dtype, on centroids' device) with at least one row whose cluster selection is
+    clear (about 1 draw in 300 of a single row has its P-th and (P+1)-th centroid scores within
+    rounding, which made single-row tests flaky)."""
+    for _ in range(20):
+        h = torch.randn(B, centroids.shape[1], device=centroids.device).to(dtype)
+        if bool(stable_rows(h, centroids.to(dtype), probes, noise, tol).any()):
+            return h
+    raise AssertionError("20 draws without a clear cluster selection")
+
+
 def selection_scores(B: int, K: int, device: str = "cpu") -> torch.Tensor:
     """s [B, K] fp32: row 0 distinct, the other rows heavy ties (few values, so the P-th largest
     has many equals on both sides of the cut-off), -0.0 among +0.0, infinities, huge values."""

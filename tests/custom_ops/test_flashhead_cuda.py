@@ -14,13 +14,15 @@ from custom_ops import FlashHeadInputError, flashhead_triton
 from custom_ops.reference import flashhead_reference
 from fh_compile.build_assets import build_assets
 from triton_poison import poison  # noqa: F401 (autouse fixture)
-from triton_select import SELECTS, check_selection, run_select, selection_scores
+from triton_select import (SELECTS, check_selection, draw_h, run_select, selection_scores,
+                           stable_rows)
 
 pytestmark = pytest.mark.cuda
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Both sides compute in fp32 from the same dtype-rounded inputs; only the summation order
 # differs, so the tolerance is fp32's, scaled by sqrt(D)-sized logits.
 ATOL = {torch.bfloat16: 2e-3, torch.float16: 2e-3, torch.float32: 2e-3}
+CLEAR = 1e-3    # P-th vs (P+1)-th centroid score gap of a row whose cluster selection is checked
 
 
 def make_assets(V: int, D: int, C: int = 16):
@@ -61,13 +63,8 @@ def check(ids, logits, a, h, probes, k, noise=None, dtype=torch.bfloat16, C=16):
     assert not bool(logits.isnan().any()), "every logit was written"
     assert bool((logits[:, :-1] >= logits[:, 1:]).all()), "best first"
     tol = ATOL[dtype]
-    s = hc.double() @ cent.double().t() + (nc.double() if nc is not None else 0.0)
-    if probes < s.shape[1]:
-        top = s.topk(probes + 1, dim=1).values
-        rows = (top[:, -2] - top[:, -1]) > 1e-3     # clear cluster selection
-    else:
-        rows = torch.ones(B, dtype=torch.bool)
-    assert bool(rows.any())
+    rows = stable_rows(hc, cent, probes, nc, CLEAR)     # clear cluster selection
+    assert bool(rows.any()), "no row with a clear cluster selection (draw h with draw_h)"
     ref_k = ref_logits[:, :k]
     torch.testing.assert_close(logits[rows], ref_k[rows], rtol=1e-4, atol=tol)
     gaps = (ref_logits[:, :-1] - ref_logits[:, 1:]).nan_to_num(posinf=1e9)
@@ -80,8 +77,8 @@ def check(ids, logits, a, h, probes, k, noise=None, dtype=torch.bfloat16, C=16):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B", [1, 5, 16, 64, 130])
 def test_small_shapes(small, fresh_seed, dtype, B) -> None:
-    h = torch.randn(B, 96, device="cuda").to(dtype)
     for probes, k, noise in ((1, 1, None), (7, 5, None), (9, 16, gumbel(B, small.num_clusters))):
+        h = draw_h(small.centroids, B, probes, noise, dtype, CLEAR)
         args = op_args(small, dtype, probes, k)
         ids, logits = torch.ops.flashhead.topk(h, *args, noise)
         check(ids, logits, small, h, probes, k, noise, dtype)
@@ -90,8 +87,8 @@ def test_small_shapes(small, fresh_seed, dtype, B) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B", [1, 5, 16, 64])
 def test_medium_shapes(medium, fresh_seed, dtype, B) -> None:
-    h = torch.randn(B, 512, device="cuda").to(dtype)
     for probes, k in ((64, 1), (256, 8)):
+        h = draw_h(medium.centroids, B, probes, None, dtype, CLEAR)
         ids, logits = torch.ops.flashhead.topk(h, *op_args(medium, dtype, probes, k), None)
         check(ids, logits, medium, h, probes, k, None, dtype)
 
@@ -142,7 +139,7 @@ def test_select_kernels(fresh_seed, select, K, P) -> None:
 
 @pytest.mark.parametrize("B", [1, 16, 64])
 def test_every_selection_matches_reference(medium, fresh_seed, B) -> None:
-    h = torch.randn(B, 512, device="cuda").to(torch.bfloat16)
+    h = draw_h(medium.centroids, B, 128, None, torch.bfloat16, CLEAR)
     args = op_args(medium, torch.bfloat16, 128, 4)
     for select in ("multi", "single", "torch"):
         check(*flashhead_triton.triton_topk(h, *args, select=select), medium, h, 128, 4)
@@ -154,8 +151,9 @@ def test_opcheck(small, fresh_seed) -> None:
     torch.library.opcheck(torch.ops.flashhead.topk.default, args)
 
 
-def test_cuda_graph_replay_with_new_inputs(medium, fresh_seed) -> None:
-    B, probes, k, dtype = 16, 128, 4, torch.bfloat16
+@pytest.mark.parametrize("k", [1, 4])        # k = 1: the row maxima and counter set in-graph
+def test_cuda_graph_replay_with_new_inputs(medium, fresh_seed, k) -> None:
+    B, probes, dtype = 16, 128, torch.bfloat16
     args = op_args(medium, dtype, probes, k)
     static_h = torch.randn(B, 512, device="cuda").to(dtype)
     static_noise = gumbel(B, medium.num_clusters)

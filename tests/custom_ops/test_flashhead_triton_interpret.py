@@ -28,7 +28,8 @@ from custom_ops.flashhead_triton import triton_topk  # noqa: E402
 from custom_ops.reference import flashhead_reference  # noqa: E402
 from fh_compile.build_assets import build_assets  # noqa: E402
 from triton_poison import poison  # noqa: E402,F401 (autouse fixture)
-from triton_select import SELECTS, check_selection, run_select, selection_scores  # noqa: E402
+from triton_select import (SELECTS, check_selection, draw_h, run_select,  # noqa: E402
+                           selection_scores, stable_rows)
 
 pytestmark = pytest.mark.interpret
 V, D, C = 1003, 96, 16  # V does not divide by C: the last clusters hold 15 rows
@@ -40,28 +41,6 @@ def assets():
     torch.manual_seed(seed)
     print(f"assets seed={seed}")
     return build_assets(torch.randn(V, D), cluster_size=C, coarse_iters=3, fine_iters=3)
-
-
-def stable_rows(h, centroids, probes, noise, tol=1e-4):
-    """Rows whose P-th and (P+1)-th centroid scores differ by more than tol (else rounding may
-    legitimately pick another cluster set than the reference)."""
-    s = h.double() @ centroids.double().t()
-    if noise is not None:
-        s = s + noise.double()
-    if probes == s.shape[1]:
-        return torch.ones(s.shape[0], dtype=torch.bool)
-    top = s.topk(probes + 1, dim=1).values
-    return (top[:, -2] - top[:, -1]) > tol
-
-
-def draw_h(assets, B, probes, noise=None):
-    """h [B, D] with at least one row whose cluster selection is clear (about 1 draw in 300 of a
-    single row has its P-th and (P+1)-th centroid scores within rounding)."""
-    for _ in range(20):
-        h = torch.randn(B, D)
-        if bool(stable_rows(h, assets.centroids, probes, noise).any()):
-            return h
-    raise AssertionError("20 draws without a clear cluster selection")
 
 
 def check(assets, h, probes, k, noise=None, dtype=torch.float32, tol=1e-4):
@@ -97,13 +76,13 @@ def test_kernels_are_interpreted() -> None:
 @pytest.mark.parametrize("B,probes,k", [(1, 1, 1), (1, 7, 5), (3, 4, 1), (3, 9, 16),
                                         (17, 5, 3), (70, 3, 2)])
 def test_matches_reference(assets, fresh_seed, B, probes, k) -> None:
-    check(assets, draw_h(assets, B, probes), probes, k)
+    check(assets, draw_h(assets.centroids, B, probes), probes, k)
 
 
 @pytest.mark.parametrize("B", [1, 3, 17])
 def test_matches_reference_with_centroid_noise(assets, fresh_seed, B) -> None:
     gumbel = -torch.log(-torch.log(torch.rand(B, assets.num_clusters).clamp(1e-9, 1 - 1e-9)))
-    check(assets, draw_h(assets, B, 6, gumbel), 6, 4, noise=gumbel)
+    check(assets, draw_h(assets.centroids, B, 6, gumbel), 6, 4, noise=gumbel)
 
 
 @pytest.mark.parametrize("select", SELECTS)
