@@ -47,13 +47,15 @@ class ExportTimesConfig:
     mode: str = "reduce-overhead"  # torch.compile mode of the baseline (CUDA graphs, no autotune)
     build_iters: int = 2
     layers: int = 28              # < 28: the architecture cut short (diagnostics: package size)
+    verify_steps: int = 32        # greedy tokens of the package compared with the eager step
     eager_numerics: bool = True   # the CLI's default: bf16 rounded as in eager (export.aoti)
     out: Path = field(default_factory=lambda: Path("results/export_times.json"))
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.steps < 1 or self.prompt_len < 1:
             raise ValueError("batch, steps and prompt_len must be >= 1")
-        need = self.prompt_len + self.warmup + self.steps + 4   # every row prefills afresh
+        # every row prefills afresh
+        need = self.prompt_len + max(self.warmup + self.steps, self.verify_steps) + 4
         if self.max_seq_len < need:
             raise ValueError(f"max_seq_len must be >= {need} (prompt + warm-up + timed steps)")
 
@@ -109,7 +111,8 @@ def run(cfg: ExportTimesConfig, on_row: Callable[[dict, list[dict]], None] | Non
     from benchmarks.tpot import r1_distill_qwen_1p5b
     from export.aoti import load, package
     from export.modules import Prefill, new_state
-    from export.programs import Prompt, check_one_flashhead_node, export_decode, export_prefill
+    from export.programs import (Prompt, check_one_flashhead_node, compare_tokens, eager_tokens,
+                                 export_decode, export_prefill, greedy_tokens)
     from fh_compile import build_assets, swap_head
     from fh_compile.decode import DecodeStep
 
@@ -166,6 +169,14 @@ def run(cfg: ExportTimesConfig, on_row: Callable[[dict, list[dict]], None] | Non
     state = new_state(step)
     state_prefill = lambda: Prefill(step)(prompt.input_ids, prompt.attention_mask, state)  # noqa: E731
     runner = load(pkg_path)
+    # Same greedy tokens as the eager step?  (torch.export prefill fills the state, the
+    # package decodes; prefill of the step's own cache for the eager side.)
+    check = compare_tokens(
+        eager_tokens(step, prompt, cfg.verify_steps),
+        greedy_tokens(Prefill(step), runner, new_state(step), prompt, cfg.verify_steps),
+        "decode.aoti.pt2")
+    meta.update(aoti_tokens=check.status, aoti_tokens_detail=check.detail)
+    print(f"tokens: {check.detail}", flush=True)
     add("aoti", state_prefill, lambda: runner(tok, state))
 
     graph_runner = load(pkg_path, run_single_threaded=True)
