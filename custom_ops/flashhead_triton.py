@@ -81,14 +81,11 @@ def _order_key64(s):
 @triton.jit
 def _cut(hist, need, NB: tl.constexpr):
     """Radix-select step: (t, need - #(digit > t)) where t is the digit of the need-th largest
-    key, given hist [NB <= 2048] int32 = how many of the keys still in play have each digit.
-    One scan and one reduction (each a round of shared-memory exchange between the warps): the
-    bins 0..t are those with ge >= need, and one int64 sum counts them (low 12 bits) and adds up
-    the keys above them (the bits above)."""
-    ge = tl.cumsum(hist, axis=0, reverse=True)                       # #(digit >= bin)
-    inside = ge >= need
-    packed = tl.sum(tl.where(inside, 1, hist.to(tl.int64) << 12), axis=0)
-    return (packed & 4095).to(tl.int32) - 1, need - (packed >> 12).to(tl.int32)
+    key, given hist [NB] int32 = how many of the keys still in play have each digit."""
+    ge = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist       # #(digit >= bin)
+    t = tl.sum((ge >= need).to(tl.int32), axis=0) - 1
+    above = tl.sum(tl.where(tl.arange(0, NB) > t, hist, 0), axis=0)
+    return t, need - above
 
 
 @triton.jit
