@@ -3,7 +3,8 @@
   python -m benchmarks.results_page [--results results/] [--out benchmarks/RESULTS.md]
 
 Sections: fidelity.json (agreement with the dense head vs probes), tasks.json (dense vs FlashHead
-accuracy, 95% CI, flips), head_latency.json and tpot.json (ms and speedups).  A missing file gives
+accuracy, 95% CI, flips), head_latency.json and tpot.json (ms and speedups), export_times.json
+(export and AOTInductor compile times, the package's ms per token).  A missing file gives
 a "not run yet" section.  Every number is shown with the device, date and command of the run that
 produced it.  Plots (when matplotlib is installed) are written to figures/ next to the page, so the
 page reads on GitHub; results/ itself is not committed.
@@ -24,7 +25,8 @@ PROVENANCE_KEYS = (*DEVICE_KEYS, "date", "command", "torch", "triton", "transfor
 SECTIONS = (("fidelity.json", "Fidelity: agreement with the dense head"),
             ("tasks.json", "Task quality: dense head vs FlashHead"),
             ("head_latency.json", "LM-head latency"),
-            ("tpot.json", "Time per output token"))
+            ("tpot.json", "Time per output token"),
+            ("export_times.json", "Export and AOTInductor"))
 
 
 def load_rows(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -195,8 +197,26 @@ def tpot_section(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         generic_table(rows, meta, ("exec", "head", "B", "tpot_ms")) + "\n</details>\n"
 
 
+def export_section(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """benchmarks.export_times: what exporting costs, and the decode step's ms per token as
+    eager PyTorch, AOTInductor package (plain and replayed in a CUDA graph) and torch.compile."""
+    facts = [("torch.export prefill", meta.get("export_prefill_s"), "s"),
+             ("torch.export decode", meta.get("export_decode_s"), "s"),
+             ("AOTInductor compile of the decode step", meta.get("aoti_compile_decode_s"), "s"),
+             ("package size", meta.get("aoti_package_gb"), "GB")]
+    out = "".join(f"- {label}: {fmt(v)} {unit}\n" for label, v, unit in facts if v is not None)
+    if meta.get("aoti_tokens"):
+        out += f"- package vs eager greedy tokens: **{meta['aoti_tokens']}** " \
+               f"({meta.get('aoti_tokens_detail', '')})\n"
+    if meta.get("model"):
+        out += f"- model: {meta['model']}\n"
+    return out + "\nMilliseconds per output token of the decode step (median):\n\n" + \
+        generic_table(rows, meta, ("row", "B", "tpot_ms", "tpot_ms_mean", "first_call_s"))
+
+
 RENDER = {"fidelity.json": fidelity_section, "tasks.json": tasks_section,
-          "head_latency.json": latency_section, "tpot.json": tpot_section}
+          "head_latency.json": latency_section, "tpot.json": tpot_section,
+          "export_times.json": export_section}
 
 
 def render(results: Path, out: Path) -> str:

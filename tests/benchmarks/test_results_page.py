@@ -64,9 +64,17 @@ def test_results_page(tmp_path: Path) -> None:
         "rows": [{"exec": "eager", "head": h, "B": b, "tpot_ms": ms, "raw_ms": [ms]}
                  for h, b, ms in (("dense", 1, 20.0), ("fh-triton", 1, 16.0),
                                   ("dense", 16, 24.0), ("fh-triton", 16, 20.0))]}))
+    (res / "export_times.json").write_text(json.dumps({
+        "meta": {"gpu": "NVIDIA H200", "date": "2026-01-04", "export_decode_s": 3.5,
+                 "aoti_compile_decode_s": 120.0, "aoti_tokens": "passed",
+                 "aoti_tokens_detail": "decode.aoti.pt2: 33 greedy tokens identical"},
+        "rows": [{"row": r, "B": 1, "tpot_ms": ms, "raw_ms": [ms]}
+                 for r, ms in (("eager", 30.0), ("aoti+graph", 2.5))]}))
     assert results_page.main(["--results", str(res), "--out", str(out)]) == 0
     page = out.read_text()
     assert "Not run yet" not in page
+    assert "- AOTInductor compile of the decode step: 120 s" in page
+    assert "greedy tokens: **passed** (decode.aoti.pt2: 33" in page and "| aoti+graph | 2.5 |" in page
     assert "| eager | 1 | 20 | 16 | 1.25 |" in page and "**NVIDIA H200**, 2026-01-03" in page
     assert "| gsm8k | exact_match **(headline)** | 3 |" in page
     assert "NVIDIA H100 80GB HBM3" in page and "2026-01-02T03:04:05" in page
