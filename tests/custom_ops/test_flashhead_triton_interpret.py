@@ -87,7 +87,8 @@ def test_matches_reference_with_centroid_noise(assets, fresh_seed, B) -> None:
 
 @pytest.mark.parametrize("select", SELECTS)
 @pytest.mark.parametrize("B,K,P", [(4, 63, 1), (4, 63, 63), (5, 1000, 17), (1, 1, 1),
-                                   (4, 1000, 1000), (3, 9496, 256), (2, 4096, 4095)])
+                                   (1, 1000, 17), (4, 1000, 1000), (3, 9496, 256),
+                                   (2, 4096, 4095)])
 def test_select_kernels(fresh_seed, select, B, K, P) -> None:
     s = selection_scores(B, K)
     check_selection(select, s, P, run_select(select, s, P))
