@@ -13,7 +13,8 @@ Pipeline of `triton_topk` (every launch fixed-size, no host sync: CUDA-graph cap
      higher digits are the P-th largest's; `_select_take_kernel` then knows the P-th largest
      exactly, takes its chunk's picks (exact ties: smallest cluster ids first), and writes
      pos [B, K] = the slot of cluster c among row b's P picks or -1, sel [B, P], flag [K] and
-     the batch's cluster union [U] with its length (atomic counters, so any order).
+     the batch's cluster union [U] with its length (atomic counters, so any order; at B = 1
+     the union is row 0's picks in slot order, without flag or counter).
      Alternatives (select=): "single", `_select_top_kernel`, one program per row (a radix select
      in registers, K <= 16384), or "torch", torch.topk + `_mark_selected_kernel`; both then build
      the union with `_compact_union_kernel` (one program, increasing cluster order).
