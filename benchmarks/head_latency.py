@@ -7,6 +7,10 @@ with triton.testing.do_bench (median; L2 flushed before every replay, as after t
 decode step).  Speedups are against the dense head measured in the same run on the same card.
 Weights and h are random: clusters are balanced but h has no structure, so the rows of a batch
 share few clusters; the union (distinct clusters read) is the worst case a real model sees.
+With --real-inputs FILE (benchmarks.real_inputs) the centroids and hidden states are a real
+model's (each batch: one decode position from each of B different prompts), so the clusters
+selected and shared are the real ones; the weight rows stay random (their values do not change
+the speed; top1=ref still compares the op with the reference on the same rows).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class HeadLatencyConfig:
     # with one selection program per row; triton_topksel: with torch.topk picking the clusters.
     methods: tuple[str, ...] = METHODS
     profile: bool = False       # per-kernel GPU times of the Triton op at probes 256
+    real_inputs: Path | None = None   # benchmarks.real_inputs file: real centroids and h
     out: Path = field(default_factory=lambda: Path("results/head_latency.json"))
 
     def __post_init__(self) -> None:
@@ -53,6 +58,9 @@ class HeadLatencyConfig:
             raise ValueError(f"k must be in [1, min(probes) * (cluster_size - 1)], got {self.k}")
         if self.rotations < 1 or self.rep_ms < 1:
             raise ValueError("rotations and rep_ms must be >= 1")
+        if self.real_inputs is not None and not Path(self.real_inputs).is_file():
+            raise ValueError(f"--real-inputs {self.real_inputs}: no such file (write it with "
+                             f"python -m benchmarks.real_inputs)")
         unknown = set(self.methods) - set(METHODS)
         if unknown or "dense" not in self.methods:
             raise ValueError(f"methods are {', '.join(METHODS)} (dense required); got "
@@ -143,16 +151,27 @@ def run(cfg: HeadLatencyConfig) -> tuple[dict, list[dict]]:
     weight = torch.randn(V, D, device="cuda", dtype=dt)                # W: [V, D] bf16
     a = build_assets(weight, cluster_size=C, coarse_iters=4, fine_iters=4)
     K, elt = a.num_clusters, weight.element_size()
+    centroids, real = a.centroids, None                                 # [K, D] bf16
+    if cfg.real_inputs is not None:
+        from benchmarks.real_inputs import load
+
+        real = load(cfg.real_inputs)
+        if tuple(real.centroids.shape) != (K, D):
+            raise ValueError(f"{cfg.real_inputs}: centroids {tuple(real.centroids.shape)}, but "
+                             f"V={V}, C={C} gives K={K} clusters of D={D}")
+        centroids = real.centroids.to("cuda", dt)
+        gen = torch.Generator().manual_seed(0)
     bw = copy_bandwidth_gbps()
     now = datetime.datetime.now().isoformat(timespec="seconds")
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": triton.__version__, "date": now,
             "copy_bandwidth_gbps": round(bw, 1), "V": V, "D": D, "C": C, "K": K, "k": cfg.k,
-            "dtype": "bf16", "inputs": "random weights and h (worst case for cluster sharing)"}
+            "dtype": "bf16", "inputs": "random weights and h (worst case for cluster sharing)"
+            if real is None else "real centroids and hidden states (one position from each of B "
+            "prompts; see real_inputs), random weight rows", "real_inputs": real and real.meta}
     print(f"{meta['gpu']}: torch {meta['torch']}, triton {meta['triton']}, copy bandwidth "
           f"{bw:.0f} GB/s; V={V} D={D} C={C} K={K} k={cfg.k}", flush=True)
-    print("inputs are random: rows of a batch share few clusters, so the union read at B > 1 is "
-          "the worst case (a real model's hidden states share more)", flush=True)
+    print(f"inputs: {meta['inputs']}", flush=True)
     rows = []
 
     def add(B: int, P: int | None, method: str, ms: float, dense_ms: float, union: float | None,
@@ -164,12 +183,13 @@ def run(cfg: HeadLatencyConfig) -> tuple[dict, list[dict]]:
         print(f"B={B} P={P} {method} {ms:.4f} ms{extra}", flush=True)
 
     for B in cfg.batch_sizes:
-        hs = [torch.randn(B, D, device="cuda", dtype=dt) for _ in range(cfg.rotations)]
+        hs = [torch.randn(B, D, device="cuda", dtype=dt) if real is None else
+              real.draw_batch(B, gen).to("cuda", dt) for _ in range(cfg.rotations)]
         dense_ms = time_graphs(lambda h: torch.matmul(h, weight.t()).argmax(-1), hs, cfg)
         add(B, None, "dense", dense_ms, dense_ms, None, V * D * elt, None)
         for P in cfg.probes:
-            args = (a.centroids, a.weight, a.offsets, a.token_ids, P, C, cfg.k)
-            union = sum(select_clusters(h, a.centroids, P).unique().numel() for h in hs) / len(hs)
+            args = (centroids, a.weight, a.offsets, a.token_ids, P, C, cfg.k)
+            union = sum(select_clusters(h, centroids, P).unique().numel() for h in hs) / len(hs)
             fh_bytes = (K * D + union * C * D) * elt
             steps = {"reference": lambda h: flashhead_reference(h, *args),
                      "triton": lambda h: torch.ops.flashhead.topk(h, *args, None),
@@ -212,11 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", choices=METHODS, help="dense is always run")
     p.add_argument("--profile", action="store_true",
                    help="also print per-kernel GPU times of the Triton op at probes 256")
+    p.add_argument("--real-inputs", type=Path,
+                   help="a benchmarks.real_inputs file: a real model's centroids and hidden states")
     p.add_argument("--out", type=Path, default=Path("results/head_latency.json"))
     args = p.parse_args(argv)
     if cuda_missing("benchmarks.head_latency", "the op's Triton kernels and CUDA graphs"):
         return 2
-    kw: dict = {"out": args.out, "profile": args.profile}
+    kw: dict = {"out": args.out, "profile": args.profile, "real_inputs": args.real_inputs}
     if args.quick:
         kw.update(batch_sizes=(1, 16), probes=(256,), rotations=2, rep_ms=50)
     if args.batch_sizes:
