@@ -3,7 +3,8 @@
   python -m benchmarks.results_page [--results results/] [--out benchmarks/RESULTS.md]
 
 Sections: fidelity.json (agreement with the dense head vs probes), tasks.json (dense vs FlashHead
-accuracy, 95% CI, flips), head_latency.json and tpot.json (ms and speedups), export_times.json
+accuracy, 95% CI, flips), head_latency.json, head_latency_real.json (--real-inputs) and
+tpot.json (ms and speedups), export_times.json
 (export and AOTInductor compile times, the package's ms per token).  A missing file gives
 a "not run yet" section.  Every number is shown with the device, date and command of the run that
 produced it.  Plots (when matplotlib is installed) are written to figures/ next to the page, so the
@@ -25,6 +26,8 @@ PROVENANCE_KEYS = (*DEVICE_KEYS, "date", "command", "torch", "triton", "transfor
 SECTIONS = (("fidelity.json", "Fidelity: agreement with the dense head"),
             ("tasks.json", "Task quality: dense head vs FlashHead"),
             ("head_latency.json", "LM-head latency"),
+            ("head_latency_real.json",
+             "LM-head latency with a real model's centroids and hidden states"),
             ("tpot.json", "Time per output token"),
             ("export_times.json", "Export and AOTInductor"))
 
@@ -215,7 +218,8 @@ def export_section(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 
 RENDER = {"fidelity.json": fidelity_section, "tasks.json": tasks_section,
-          "head_latency.json": latency_section, "tpot.json": tpot_section,
+          "head_latency.json": latency_section, "head_latency_real.json": latency_section,
+          "tpot.json": tpot_section,
           "export_times.json": export_section}
 
 

@@ -70,9 +70,14 @@ def test_results_page(tmp_path: Path) -> None:
                  "aoti_tokens_detail": "decode.aoti.pt2: 33 greedy tokens identical"},
         "rows": [{"row": r, "B": 1, "tpot_ms": ms, "raw_ms": [ms]}
                  for r, ms in (("eager", 30.0), ("aoti+graph", 2.5))]}))
+    (res / "head_latency_real.json").write_text(json.dumps({
+        "gpu": "NVIDIA H200", "date": "2026-01-05", "inputs": "real centroids and hidden states",
+        "rows": [{"B": 16, "probes": p, "method": "triton", "ms": ms, "union": u}
+                 for p, ms, u in ((64, 0.05, 671), (256, 0.08, 2303))]}))
     assert results_page.main(["--results", str(res), "--out", str(out)]) == 0
     page = out.read_text()
     assert "Not run yet" not in page
+    assert "real model's centroids and hidden states" in page and "| 256 | 0.08 | 2303 |" in page
     assert "- AOTInductor compile of the decode step: 120 s" in page
     assert "greedy tokens: **passed** (decode.aoti.pt2: 33" in page and "| aoti+graph | 2.5 |" in page
     assert "| eager | 1 | 20 | 16 | 1.25 |" in page and "**NVIDIA H200**, 2026-01-03" in page
