@@ -331,14 +331,14 @@ def _compact_union_kernel(flag_ptr, union_ptr, n_union_ptr, K, BLOCK: tl.constex
 
 @triton.jit
 def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union_ptr,
-                        n_union_ptr, key_ptr, ids_ptr, logit_ptr, B, K, D, U, NCAND,
+                        n_union_ptr, key_ptr, ids_ptr, logit_ptr, B, K, D, NCAND,
                         C: tl.constexpr, GROUP: tl.constexpr, BEST: tl.constexpr,
                         DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_B: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """Exact logits of the union's clusters for the rows that picked them.
 
     h [B, D]; weight [V, D] reordered; offsets [K + 1] int64; token_ids [V] int64; pos [B, K]
-    int32; union [U] int32 with length n_union[0] <= U.  Program (g, bb) scores the rows of the
+    int32; union [U] int32 with length n_union[0].  Program (g, bb) scores the rows of the
     GROUP clusters union[g * GROUP:(g + 1) * GROUP] (C or fewer rows each) once against BLOCK_B
     rows of h, and for each row b and cluster c with p = pos[b, c] >= 0 writes slots
     p * C .. p * C + C - 1 of
@@ -356,19 +356,10 @@ def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union
     Cost: |union| * C * D * elt bytes of weight (12.6 MB for 256 clusters, C=16, D=1536 bf16;
     all 467 MB when the union covers every cluster) + 8 * B * P * C bytes written.
     """
-    # The union's clusters and their offsets are loaded before n_union is known (slots past it
-    # hold anything: clamped into range, masked out below), so the three loads in front of the
-    # weight rows cost two round trips instead of three.
-    lane = tl.arange(0, GROUP * BLOCK_C)                # GROUP clusters side by side
-    j = tl.program_id(0) * GROUP + lane // BLOCK_C      # union slot of the lane
-    c = tl.load(union_ptr + j, mask=j < U, other=0).to(tl.int64)
     n_union = tl.load(n_union_ptr)
-    c = tl.where((c >= 0) & (c < K), c, 0)
-    start = tl.load(offsets_ptr + c)
-    length = tl.load(offsets_ptr + c + 1) - start
     if tl.program_id(0) * GROUP < n_union:
-        _score_union_block(h_ptr, w_ptr, token_ids_ptr, pos_ptr, key_ptr, lane, c, start,
-                           length, j < n_union, B, K, D, NCAND, C, GROUP, BEST, DOT_FP32, EVEN_D,
+        _score_union_block(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union_ptr,
+                           n_union, key_ptr, B, K, D, NCAND, C, GROUP, BEST, DOT_FP32, EVEN_D,
                            BLOCK_B, BLOCK_C, BLOCK_D)
     if BEST:
         # Last program out decodes the row maxima.  The barrier orders every thread's atomic_max
@@ -386,13 +377,18 @@ def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union
 
 
 @triton.jit
-def _score_union_block(h_ptr, w_ptr, token_ids_ptr, pos_ptr, key_ptr, lane, c, start, length,
-                       live, B, K, D, NCAND, C: tl.constexpr, GROUP: tl.constexpr,
+def _score_union_block(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union_ptr, n_union,
+                       key_ptr, B, K, D, NCAND, C: tl.constexpr, GROUP: tl.constexpr,
                        BEST: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The work of one `_score_union_kernel` program (see there); lanes [GROUP * BLOCK_C]:
-    cluster c, its first row start and row count length, live = a slot of the union."""
+    """The work of one `_score_union_kernel` program (see there)."""
+    lane = tl.arange(0, GROUP * BLOCK_C)                # GROUP clusters side by side
     i = lane % BLOCK_C                                  # row inside its cluster
+    j = tl.program_id(0) * GROUP + lane // BLOCK_C      # union slot of the lane
+    live = j < n_union
+    c = tl.load(union_ptr + j, mask=live, other=0).to(tl.int64)
+    start = tl.load(offsets_ptr + c, mask=live, other=0)
+    length = tl.load(offsets_ptr + c + 1, mask=live, other=0) - start
     valid = live & (i < length) & (i < C)
     rows = tl.where(valid, start + i, 0)                # [GROUP * BLOCK_C] int64
     b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -566,7 +562,7 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
     ids = torch.empty((B, k), dtype=torch.int64, device=dev)             # ids: [B, k] int64
     logits = torch.empty((B, k), dtype=torch.float32, device=dev)       # logits: [B, k] fp32
     _launch(_score_union_kernel, (triton.cdiv(U, blk.group), nb))(
-        h, weight, offsets, token_ids, pos, union, n_union, keys, ids, logits, B, K, D, U, P * C,
+        h, weight, offsets, token_ids, pos, union, n_union, keys, ids, logits, B, K, D, P * C,
         C=C, GROUP=blk.group, BEST=k == 1, DOT_FP32=blk.dot_fp32, EVEN_D=even_d,
         BLOCK_B=blk.block_b, BLOCK_C=blk.block_c, BLOCK_D=blk.block_d, **blk.launch)
     if k > 1:
