@@ -262,7 +262,6 @@ def _select_top_kernel(s_ptr, sel_ptr, pos_ptr, flag_ptr, K, P, BLOCK_K: tl.cons
     # so they are never taken and the loop needs no mask (fewer live registers).
     u = tl.where(ok, key ^ sign, 0)
     key = u ^ sign
-    bins = tl.arange(0, 256)
     # prefix: T's digits found so far (u order; lower bits 0), hi: the bits they cover, need:
     # how many keys that match the prefix are still to take (1 <= need <= their count).
     prefix = tl.full((), 0, tl.int32)
@@ -274,9 +273,7 @@ def _select_top_kernel(s_ptr, sel_ptr, pos_ptr, flag_ptr, K, P, BLOCK_K: tl.cons
         shift = 24 - 8 * i
         match = (u & hi) == prefix
         hist = tl.histogram((u >> shift) & 255, 256, mask=match)       # [256] int32
-        ge = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist     # #(digit >= bin)
-        d = tl.sum((ge >= need).to(tl.int32), axis=0) - 1               # T's digit
-        need -= tl.sum(tl.where(bins > d, hist, 0), axis=0)             # taken: digit > d
+        d, need = _cut(hist, need, 256)                                  # T's digit
         prefix |= d << shift
         hi |= 255 << shift
     t = prefix ^ sign
@@ -351,8 +348,9 @@ def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union
     key[b] = max(key[b], the program's best key of row b) by atomics, key[B] counts finished
     programs, and the last program to finish decodes key[:B] into ids [B, 1] int64 and logits
     [B, 1] fp32 (so no reduction launch follows).
-    GROUP > 1 for large batches, so that h (B * D, re-read by every program from L2) stays no
-    larger than the weight rows a program reads.
+    GROUP > 1 only when clusters are narrower than the BLOCK_B-row tile (`_blocks`: BLOCK_B //
+    BLOCK_C, so 1 at 16-row tiles), so that h stays no larger than the weight rows a program
+    reads.
     Cost: |union| * C * D * elt bytes of weight (12.6 MB for 256 clusters, C=16, D=1536 bf16;
     all 467 MB when the union covers every cluster) + 8 * B * P * C bytes written.
     """
@@ -450,30 +448,25 @@ class _Blocks(NamedTuple):
     group: int      # union clusters per stage-2 program
     block_d: int    # hidden-size chunk per loop step
     dot_fp32: bool  # fp32 products (tl.dot in IEEE mode) instead of 16-bit tensor-core inputs
-    launch: dict    # launch options of the stage-1/2 kernels ({} = Triton's 4 warps)
 
 
-def _blocks(B: int, D: int, C: int, h_dtype: torch.dtype, w_dtype: torch.dtype) -> _Blocks:
-    """Tile sizes.  Not yet timed on a card (see benchmarks/head_latency); chosen so that the
-    sm_90 builds (triton 3.9, ptxas -v) spill no registers: 4 warps with 128-wide D chunks up to
-    16 rows of h, 8 warps with 64-wide chunks above (4 warps spilled 340-430 bytes at 64 rows).
-
-    B may be a SymInt under torch.compile(dynamic=True): only range comparisons touch it, so a
-    compiled graph is guarded on B's range (16, 32, more), not specialized on its value.
+def _blocks(D: int, C: int, h_dtype: torch.dtype, w_dtype: torch.dtype) -> _Blocks:
+    """Tile sizes, the same at every batch size (they specialize no compiled graph on B).
+    16 rows of h per program (more rows: more programs along the grid's second axis);
+    tiles of 32/64 rows failed to compile with triton 3.6 on an H100 (MLIR pass
+    TritonGPURemoveLayoutConversions, 2026-11-26).  With 16 rows, Triton's default 4 warps and
+    128-wide D chunks (64 for fp32 products) spill no registers in the sm_90 builds (triton 3.9,
+    ptxas -v); a sweep of D chunks, warps and stages on an H200 found none more than ~1.5 us
+    faster.  (The take kernel still specializes on B == 1.)
     """
     dot_fp32 = not (h_dtype == w_dtype and h_dtype in (torch.bfloat16, torch.float16))
-    # 16 rows per program at every B (more rows: more programs along the grid's second axis).
-    # Tiles of 32/64 rows failed to compile with triton 3.6 on an H100 (MLIR pass
-    # TritonGPURemoveLayoutConversions, 2026-11-26), so they are not used.
     block_b = 16
-    # Small batches: more, smaller centroid blocks so every SM streams (K=9496 -> 297 programs).
-    block_k = 32 if block_b <= 16 else 64
+    # Small centroid blocks so every SM streams (K=9496 -> 297 programs).
+    block_k = 32
     block_c = max(16, triton.next_power_of_2(C))
     group = max(1, block_b // block_c)
-    block_d = 128 if block_b <= 16 and not dot_fp32 else 64
-    block_d = min(block_d, max(16, triton.next_power_of_2(D)))
-    launch = {} if block_b <= 16 else {"num_warps": 8}
-    return _Blocks(block_b, block_k, block_c, group, block_d, dot_fp32, launch)
+    block_d = min(64 if dot_fp32 else 128, max(16, triton.next_power_of_2(D)))
+    return _Blocks(block_b, block_k, block_c, group, block_d, dot_fp32)
 
 
 def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
@@ -512,7 +505,7 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
     if B == 0:
         return (torch.empty((0, k), dtype=torch.int64, device=dev),
                 torch.empty((0, k), dtype=torch.float32, device=dev))
-    blk = _blocks(B, D, C, h.dtype, weight.dtype)
+    blk = _blocks(D, C, h.dtype, weight.dtype)
     even_d = D % blk.block_d == 0
     nb = triton.cdiv(B, blk.block_b)
 
@@ -532,7 +525,7 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
         h, centroids, noise, scores, flag, ws, keys, B, K, D,
         HAS_NOISE=centroid_noise is not None, HIST=multi, INIT_BEST=k == 1,
         DOT_FP32=blk.dot_fp32, EVEN_D=even_d, BLOCK_K=blk.block_k, BLOCK_B=blk.block_b,
-        BLOCK_D=blk.block_d, **blk.launch)
+        BLOCK_D=blk.block_d)
     U = torch.sym_min(B * P, K)                  # no guard on B when B is symbolic
     union = _empty((U,), torch.int32, dev)                              # union: [U] int32
     if select == "torch":       # torch.topk picks; `_mark_selected_kernel` fills pos below
@@ -564,7 +557,7 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
     _launch(_score_union_kernel, (triton.cdiv(U, blk.group), nb))(
         h, weight, offsets, token_ids, pos, union, n_union, keys, ids, logits, B, K, D, P * C,
         C=C, GROUP=blk.group, BEST=k == 1, DOT_FP32=blk.dot_fp32, EVEN_D=even_d,
-        BLOCK_B=blk.block_b, BLOCK_C=blk.block_c, BLOCK_D=blk.block_d, **blk.launch)
+        BLOCK_B=blk.block_b, BLOCK_C=blk.block_c, BLOCK_D=blk.block_d)
     if k > 1:
         best = torch.topk(keys, k, dim=1).values                       # [B, k], best first
         _launch(_decode_keys_kernel, (triton.cdiv(B * k, 1024),))(best, ids, logits, B * k,
