@@ -82,16 +82,6 @@ def time_steps(fn: Callable[[], object], warmup: int, steps: int) -> tuple[list[
     return [a.elapsed_time(b) for a, b in zip(events, events[1:])], first_s
 
 
-def step_bytes(model: torch.nn.Module, step, assets, B: int, probes: int) -> int:
-    """Byte floor of one decode step: body weights (no embedding table), the whole static KV
-    cache (an upper bound: all L slots), the centroids and B * probes clusters of head rows."""
-    body = sum(p.numel() * p.element_size() for n, p in model.base_model.named_parameters()
-               if "embed_tokens" not in n)
-    kv = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in step.cache.layers)
-    K, C, D = assets.num_clusters, assets.cluster_size, assets.hidden_size
-    return body + kv + (K + min(K, B * probes) * C) * D * assets.weight.element_size()
-
-
 def tpot(prefill: Callable[[], object], one: Callable[[], object],
          cfg: ExportTimesConfig) -> tuple[float, list[float], float]:
     """(median ms per step, raw ms, seconds of the first call) after a fresh prefill."""
@@ -108,7 +98,7 @@ def run(cfg: ExportTimesConfig, on_row: Callable[[dict, list[dict]], None] | Non
     import transformers
     import triton
 
-    from benchmarks.tpot import r1_distill_qwen_1p5b
+    from benchmarks.tpot import r1_distill_qwen_1p5b, step_bytes
     from export.aoti import load, package
     from export.modules import Prefill, new_state
     from export.programs import (Prompt, check_one_flashhead_node, compare_tokens, eager_tokens,
@@ -155,7 +145,7 @@ def run(cfg: ExportTimesConfig, on_row: Callable[[dict, list[dict]], None] | Non
         med, ms, first_s = tpot(prefill, one, cfg)
         rows.append(dict(row=name, B=cfg.batch, tpot_ms=med, tpot_ms_mean=statistics.fmean(ms),
                          first_call_s=round(first_s, 2), steps=cfg.steps,
-                         bytes=step_bytes(model, step, assets, cfg.batch, cfg.probes),
+                         bytes=step_bytes(model, step, assets, "fh-triton", cfg.batch, cfg.probes),
                          raw_ms=[round(x, 4) for x in ms]))
         print(f"{name:<14} {med:8.3f} ms/token (first call {first_s:.1f} s)", flush=True)
         if on_row is not None:
