@@ -27,7 +27,7 @@ import torch
 
 from benchmarks import cuda_missing
 
-METHODS = ("dense", "reference", "triton", "triton_single", "triton_topksel")
+METHODS = ("dense", "reference", "triton", "triton_nopdl", "triton_single", "triton_topksel")
 
 
 @dataclass
@@ -41,8 +41,9 @@ class HeadLatencyConfig:
     rotations: int = 4          # distinct inputs h, one CUDA graph each, replayed in turn
     warmup_ms: int = 25
     rep_ms: int = 100
-    # triton: the op (multi-program Triton cluster selection); triton_single: the same kernels
-    # with one selection program per row; triton_topksel: with torch.topk picking the clusters.
+    # triton: the op (multi-program Triton cluster selection); triton_nopdl: the same without
+    # programmatic dependent launch; triton_single: the same kernels with one selection program
+    # per row; triton_topksel: with torch.topk picking the clusters.
     methods: tuple[str, ...] = METHODS
     profile: bool = False       # per-kernel GPU times of the Triton op at probes 256
     real_inputs: Path | None = None   # benchmarks.real_inputs file: real centroids and h
@@ -193,6 +194,7 @@ def run(cfg: HeadLatencyConfig) -> tuple[dict, list[dict]]:
             fh_bytes = (K * D + union * C * D) * elt
             steps = {"reference": lambda h: flashhead_reference(h, *args),
                      "triton": lambda h: torch.ops.flashhead.topk(h, *args, None),
+                     "triton_nopdl": lambda h: triton_topk(h, *args, None, pdl=False),
                      "triton_single": lambda h: triton_topk(h, *args, None, select="single"),
                      "triton_topksel": lambda h: triton_topk(h, *args, None, select="torch")}
             ref_ids = flashhead_reference(hs[0], *args)[0]
@@ -201,8 +203,9 @@ def run(cfg: HeadLatencyConfig) -> tuple[dict, list[dict]]:
                 agree = float((steps[method](hs[0])[0][:, 0] == ref_ids[:, 0]).float().mean())
                 add(B, P, method, ms, dense_ms, union, fh_bytes, agree)
             if cfg.profile and P == 256:
-                meta.setdefault("profiles", {})[f"B={B} P={P} triton"] = profile_kernels(
-                    steps["triton"], hs[0], f"the Triton op at B={B} P={P}")
+                # Without PDL: a kernel launched early would count its wait as GPU time.
+                meta.setdefault("profiles", {})[f"B={B} P={P} triton_nopdl"] = profile_kernels(
+                    steps["triton_nopdl"], hs[0], f"the Triton op (no PDL) at B={B} P={P}")
         del hs
     return meta, rows
 

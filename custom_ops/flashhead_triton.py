@@ -6,7 +6,8 @@ k returned candidates.
 
 Pipeline of `triton_topk` (every launch fixed-size, no host sync: CUDA-graph capturable):
   1. `_centroid_scores_kernel`: S [B, K] fp32 = h . centroids (+ noise); each program reads a
-     block of centroids once for all B rows, zeroes its block of flag [K], and counts the first
+     block of centroids once for 16 rows (the next programs take the block's other rows, from
+     L2), zeroes its block of flag [K], and counts the first
      digit (top 11 bits) of every score's order key into a per-row histogram (global atomics).
   2. Multi-program radix select (the default; one program per 1024 clusters of a row):
      `_select_refine_kernel` twice counts the next digit (11, then 10 bits) of the scores whose
@@ -23,6 +24,9 @@ Pipeline of `triton_topk` (every launch fixed-size, no host sync: CUDA-graph cap
      cluster into keys [B, P * C] (logit, then smallest id, in one int64).  For k = 1 it keeps
      only each row's largest key (atomic max) and its last program to finish writes ids and
      logits; for k > 1 torch.topk over the keys and `_decode_keys_kernel` give the k best.
+On Hopper and newer, run eagerly (also inside a CUDA graph), every kernel after the first is
+launched with programmatic dependent launch (`_pdl_entry`): it starts while the kernel before it
+still runs and waits for it on the GPU, which hid ~3 us of launch gaps at B = 1 on an H100.
 """
 
 from __future__ import annotations
@@ -47,13 +51,45 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _launch(kernel: Any, grid: tuple[int, ...]) -> Any:
+def _launch(kernel: Any, grid: tuple[int, ...], pdl: bool = False) -> Any:
     """wrap_triton so Inductor sees the kernel; under TRITON_INTERPRET=1 the kernel is an
-    InterpretedFunction, which older torch versions refuse to wrap, so launch it directly."""
+    InterpretedFunction, which older torch versions refuse to wrap, so launch it directly.
+    pdl (only where `_pdl_usable`): launch it directly with programmatic dependent launch; the
+    kernel must then wait with `_pdl_entry` before it touches memory."""
+    if pdl:
+        return lambda *args, **kwargs: kernel[grid](*args, launch_pdl=True, **kwargs)
     fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
     if isinstance(fn, JITFunction):
         return torch.library.wrap_triton(kernel)[grid]
     return kernel[grid]
+
+
+def _pdl_usable(h: torch.Tensor) -> bool:
+    """Whether the launches may use programmatic dependent launch: a Hopper or newer GPU,
+    triton >= 3.4, compiled kernels (not the interpreter), and the op running now on real
+    tensors.  Not while torch.compile or torch.export trace the op: Inductor launches the
+    kernels itself from the traced graph and has no launch_pdl option for user kernels."""
+    if (not h.is_cuda or _TRITON_VERSION < (3, 4)
+            or not isinstance(_score_union_kernel, JITFunction)
+            or torch.compiler.is_compiling() or type(h) is not torch.Tensor):
+        return False
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    if _get_current_dispatch_mode_stack():        # make_fx / fake / functional tracing
+        return False
+    return torch.cuda.get_device_capability(h.device)[0] >= 9
+
+
+@triton.jit
+def _pdl_entry(WAIT: tl.constexpr, TRIGGER: tl.constexpr):
+    """Programmatic dependent launch (sm_90+).  WAIT: this kernel was launched with launch_pdl,
+    so it may start before the kernel in front of it has finished; wait for that kernel (and see
+    its writes) before touching memory.  TRIGGER: let the next kernel launch now, so its launch
+    latency hides behind this kernel's work (it still waits for this one to finish)."""
+    if WAIT:
+        tl.extra.cuda.gdc_wait()
+    if TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 # Multi-program radix select: the order key of an fp32 score (32 bits) in three digits, 11 + 11
@@ -90,7 +126,8 @@ def _cut(hist, need, NB: tl.constexpr):
 
 
 @triton.jit
-def _select_refine_kernel(s_ptr, ws_ptr, K, P, DIGIT: tl.constexpr, CHUNK: tl.constexpr):
+def _select_refine_kernel(s_ptr, ws_ptr, K, P, DIGIT: tl.constexpr, CHUNK: tl.constexpr,
+                          PDL: tl.constexpr):
     """Digit 2 or 3 of the multi-program radix select: counts, for the scores of row b whose
     higher digits equal those of the P-th largest score (read off the histograms before), their
     DIGIT-th digit into ws[b, DIGIT - 1].
@@ -98,6 +135,7 @@ def _select_refine_kernel(s_ptr, ws_ptr, K, P, DIGIT: tl.constexpr, CHUNK: tl.co
     S [B, K] fp32; ws [B, 3, 2048] int32 (histograms of the digits before complete, this one
     zeroed before).  Grid (cdiv(K, CHUNK), B).  Cost: 4 * B * K + 8-16 KB * programs (L2) read.
     """
+    _pdl_entry(PDL, PDL)
     b = tl.program_id(1).to(tl.int64)
     bins = tl.arange(0, _NBINS)
     row_ws = ws_ptr + b * _WS_ROW
@@ -118,7 +156,7 @@ def _select_refine_kernel(s_ptr, ws_ptr, K, P, DIGIT: tl.constexpr, CHUNK: tl.co
 
 @triton.jit
 def _select_take_kernel(s_ptr, ws_ptr, flag_ptr, union_ptr, sel_ptr, pos_ptr, B, K, P,
-                        ONE_ROW: tl.constexpr, CHUNK: tl.constexpr):
+                        ONE_ROW: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
     """Last step of the multi-program radix select, the batch's cluster union included.
 
     From the three digit histograms in ws [B, 3, 2048] the program knows the P-th largest key
@@ -135,6 +173,7 @@ def _select_take_kernel(s_ptr, ws_ptr, flag_ptr, union_ptr, sel_ptr, pos_ptr, B,
     directly (no flag exchange and no second counter: two fewer atomic round trips in the chain).
     Grid (cdiv(K, CHUNK), B).  Cost: 4 * B * K read, 4 * B * K + 8 * B * P written.
     """
+    _pdl_entry(PDL, PDL)
     b = tl.program_id(1).to(tl.int64)
     bins = tl.arange(0, _NBINS)
     row_ws = ws_ptr + b * _WS_ROW
@@ -181,7 +220,7 @@ def _centroid_scores_kernel(h_ptr, cent_ptr, noise_ptr, s_ptr, flag_ptr, ws_ptr,
                             D, HAS_NOISE: tl.constexpr, HIST: tl.constexpr,
                             INIT_BEST: tl.constexpr, DOT_FP32: tl.constexpr,
                             EVEN_D: tl.constexpr, BLOCK_K: tl.constexpr,
-                            BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+                            BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """S[b, c] = sum_d h[b, d] * centroids[c, d] (+ noise[b, c]), fp32 accumulation.
 
     h [B, D] and centroids [K, D] in bf16/fp16/fp32 (fp32 products unless both are the same
@@ -191,12 +230,18 @@ def _centroid_scores_kernel(h_ptr, cent_ptr, noise_ptr, s_ptr, flag_ptr, ws_ptr,
     histogram of the multi-program selection (see `_select_refine_kernel`): ws [B, 3, 2048] int32
     (zeroed before) gets ws[b, 0, top 11 bits of the score's order key] += 1.  With INIT_BEST,
     best [B + 1] int64 (k = 1, see `_score_union_kernel`) = B times the smallest int64, then 0.
-    Grid (cdiv(K, BLOCK_K),
-    cdiv(B, BLOCK_B)): a program reads its BLOCK_K centroids once for BLOCK_B rows.
+    Grid (cdiv(K, BLOCK_K) * cdiv(B, BLOCK_B),): a program reads its BLOCK_K centroids once for
+    BLOCK_B rows; the row blocks of one centroid block are consecutive programs, so they run
+    together and all but the first read the centroids from L2.
     Cost: K * D * elt bytes of centroids (29 MB for K=9496, D=1536 bf16) + 4 * B * K written.
+    PDL: launched normally (a memset comes before it), it lets the next kernel launch early.
     """
-    rows = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)            # [BLOCK_K] cluster ids
-    b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)               # [BLOCK_B]
+    _pdl_entry(False, PDL)
+    nb = tl.cdiv(B, BLOCK_B)
+    kb = tl.program_id(0) // nb                                         # centroid block
+    bb = tl.program_id(0) % nb                                          # row block
+    rows = kb * BLOCK_K + tl.arange(0, BLOCK_K)                         # [BLOCK_K] cluster ids
+    b = bb * BLOCK_B + tl.arange(0, BLOCK_B)                            # [BLOCK_B]
     row_ok = rows < K
     b_ok = b < B
     rows64 = rows.to(tl.int64)
@@ -225,12 +270,12 @@ def _centroid_scores_kernel(h_ptr, cent_ptr, noise_ptr, s_ptr, flag_ptr, ws_ptr,
         u = _order_key64(acc)
         tl.atomic_add(ws_ptr + b[None, :].to(tl.int64) * _WS_ROW + (u >> 21),
                       tl.full((BLOCK_K, BLOCK_B), 1, tl.int32), mask=out_mask, sem="relaxed")
-    if tl.program_id(1) == 0:
+    if bb == 0:
         tl.store(flag_ptr + rows, tl.zeros((BLOCK_K,), dtype=tl.int32), mask=row_ok)
     if INIT_BEST:
-        if tl.program_id(0) == 0:
+        if kb == 0:
             tl.store(best_ptr + b, tl.full((BLOCK_B,), _KEY_MIN, tl.int64), mask=b_ok)
-            if tl.program_id(1) == 0:
+            if bb == 0:
                 tl.store(best_ptr + B, tl.zeros((), dtype=tl.int64))
 
 
@@ -331,13 +376,14 @@ def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union
                         n_union_ptr, key_ptr, ids_ptr, logit_ptr, B, K, D, NCAND,
                         C: tl.constexpr, GROUP: tl.constexpr, BEST: tl.constexpr,
                         DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_B: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+                        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """Exact logits of the union's clusters for the rows that picked them.
 
     h [B, D]; weight [V, D] reordered; offsets [K + 1] int64; token_ids [V] int64; pos [B, K]
-    int32; union [U] int32 with length n_union[0].  Program (g, bb) scores the rows of the
-    GROUP clusters union[g * GROUP:(g + 1) * GROUP] (C or fewer rows each) once against BLOCK_B
-    rows of h, and for each row b and cluster c with p = pos[b, c] >= 0 writes slots
+    int32; union [U] int32 with length n_union[0].  Program g * cdiv(B, BLOCK_B) + bb scores
+    the rows of the GROUP clusters union[g * GROUP:(g + 1) * GROUP] (C or fewer rows each) once against BLOCK_B
+    rows of h (the row blocks of one cluster are consecutive programs, so they run together and
+    all but the first read its weight rows from L2), and for each row b and cluster c with p = pos[b, c] >= 0 writes slots
     p * C .. p * C + C - 1 of
       key [B, NCAND = P * C] int64: (logit as order-preserving int32) << 32 |
           (2**31 - 1 - vocab id), so the largest key is the largest logit, ties to the smallest
@@ -354,17 +400,20 @@ def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union
     Cost: |union| * C * D * elt bytes of weight (12.6 MB for 256 clusters, C=16, D=1536 bf16;
     all 467 MB when the union covers every cluster) + 8 * B * P * C bytes written.
     """
+    _pdl_entry(PDL, PDL)
+    nb = tl.cdiv(B, BLOCK_B)
+    g = tl.program_id(0) // nb
     n_union = tl.load(n_union_ptr)
-    if tl.program_id(0) * GROUP < n_union:
+    if g * GROUP < n_union:
         _score_union_block(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union_ptr,
-                           n_union, key_ptr, B, K, D, NCAND, C, GROUP, BEST, DOT_FP32, EVEN_D,
-                           BLOCK_B, BLOCK_C, BLOCK_D)
+                           n_union, key_ptr, g, tl.program_id(0) % nb, B, K, D, NCAND, C, GROUP,
+                           BEST, DOT_FP32, EVEN_D, BLOCK_B, BLOCK_C, BLOCK_D)
     if BEST:
         # Last program out decodes the row maxima.  The barrier orders every thread's atomic_max
         # before the counter's release; the counter's acquire orders the reads after it.
         tl.debug_barrier()
         done = tl.atomic_add(key_ptr + B, 1, sem="acq_rel")
-        if done == tl.num_programs(0) * tl.num_programs(1) - 1:
+        if done == tl.num_programs(0) - 1:
             for r0 in range(0, B, BLOCK_B):
                 r = r0 + tl.arange(0, BLOCK_B)
                 best = tl.atomic_max(key_ptr + r, tl.full((BLOCK_B,), _KEY_MIN, tl.int64),
@@ -376,20 +425,21 @@ def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union
 
 @triton.jit
 def _score_union_block(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union_ptr, n_union,
-                       key_ptr, B, K, D, NCAND, C: tl.constexpr, GROUP: tl.constexpr,
+                       key_ptr, g, bb, B, K, D, NCAND, C: tl.constexpr, GROUP: tl.constexpr,
                        BEST: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The work of one `_score_union_kernel` program (see there)."""
+    """The work of one `_score_union_kernel` program (see there): union clusters
+    g * GROUP .. g * GROUP + GROUP - 1 against row block bb."""
     lane = tl.arange(0, GROUP * BLOCK_C)                # GROUP clusters side by side
     i = lane % BLOCK_C                                  # row inside its cluster
-    j = tl.program_id(0) * GROUP + lane // BLOCK_C      # union slot of the lane
+    j = g * GROUP + lane // BLOCK_C                     # union slot of the lane
     live = j < n_union
     c = tl.load(union_ptr + j, mask=live, other=0).to(tl.int64)
     start = tl.load(offsets_ptr + c, mask=live, other=0)
     length = tl.load(offsets_ptr + c + 1, mask=live, other=0) - start
     valid = live & (i < length) & (i < C)
     rows = tl.where(valid, start + i, 0)                # [GROUP * BLOCK_C] int64
-    b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b = bb * BLOCK_B + tl.arange(0, BLOCK_B)
     b_ok = b < B
     acc = tl.zeros((BLOCK_B, GROUP * BLOCK_C), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -432,8 +482,9 @@ def _decode_key(key):
 
 
 @triton.jit
-def _decode_keys_kernel(key_ptr, ids_ptr, logit_ptr, N, BLOCK: tl.constexpr):
+def _decode_keys_kernel(key_ptr, ids_ptr, logit_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """ids, logits [N] = the decoded keys [N] int64 (torch.topk's k best per row)."""
+    _pdl_entry(PDL, False)
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = i < N
     vid, logit = _decode_key(tl.load(key_ptr + i, mask=ok, other=0))
@@ -471,8 +522,8 @@ def _blocks(D: int, C: int, h_dtype: torch.dtype, w_dtype: torch.dtype) -> _Bloc
 
 def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
                 offsets: torch.Tensor, token_ids: torch.Tensor, probes: int, cluster_size: int,
-                k: int, centroid_noise: Optional[torch.Tensor] = None, *, select: str = "auto"
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                k: int, centroid_noise: Optional[torch.Tensor] = None, *, select: str = "auto",
+                pdl: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashHead top-k with Triton kernels: ids [B, k] int64 and logits [B, k] fp32, best first.
 
     Same contract as custom_ops.reference.flashhead_reference (inputs already checked by
@@ -483,6 +534,10 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
     spread over many programs, `_select_refine_kernel` and `_select_take_kernel`), "single"
     (`_select_top_kernel`, one program per row, K <= 16384) or "torch" (torch.topk);
     benchmarks.head_latency compares them.
+    pdl: chain the launches after the first with programmatic dependent launch where
+    `_pdl_usable` (Hopper+, eager): each kernel launches while the one before it still runs and
+    waits for it on the GPU, so launch latency hides behind work.  The outputs are the same
+    either way; benchmarks.head_latency measures both ("triton_nopdl").
     """
     if select not in ("auto", "multi", "single", "torch"):
         raise ValueError(f"select must be 'auto', 'multi', 'single' or 'torch', got {select!r}")
@@ -508,6 +563,7 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
     blk = _blocks(D, C, h.dtype, weight.dtype)
     even_d = D % blk.block_d == 0
     nb = triton.cdiv(B, blk.block_b)
+    pdl = pdl and _pdl_usable(h)
 
     multi = select in ("auto", "multi")
     scores = _empty((B, K), torch.float32, dev)                         # S: [B, K] fp32
@@ -521,11 +577,11 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
     # keys: k = 1: [B + 1] int64, the row maxima and a program counter (set up by stage 1,
     # decoded by the last stage-2 program); else every candidate's key [B, P * C].
     keys = _empty((B + 1,) if k == 1 else (B, P * C), torch.int64, dev)
-    _launch(_centroid_scores_kernel, (triton.cdiv(K, blk.block_k), nb))(
+    _launch(_centroid_scores_kernel, (triton.cdiv(K, blk.block_k) * nb,))(
         h, centroids, noise, scores, flag, ws, keys, B, K, D,
         HAS_NOISE=centroid_noise is not None, HIST=multi, INIT_BEST=k == 1,
         DOT_FP32=blk.dot_fp32, EVEN_D=even_d, BLOCK_K=blk.block_k, BLOCK_B=blk.block_b,
-        BLOCK_D=blk.block_d)
+        BLOCK_D=blk.block_d, PDL=pdl)
     U = torch.sym_min(B * P, K)                  # no guard on B when B is symbolic
     union = _empty((U,), torch.int32, dev)                              # union: [U] int32
     if select == "torch":       # torch.topk picks; `_mark_selected_kernel` fills pos below
@@ -537,10 +593,10 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
     if multi:
         grid = (triton.cdiv(K, _SELECT_CHUNK), B)
         for digit in (2, 3):
-            _launch(_select_refine_kernel, grid)(scores, ws, K, P, DIGIT=digit,
-                                                 CHUNK=_SELECT_CHUNK)
-        _launch(_select_take_kernel, grid)(scores, ws, flag, union, sel, pos, B, K, P,
-                                           ONE_ROW=B == 1, CHUNK=_SELECT_CHUNK)
+            _launch(_select_refine_kernel, grid, pdl)(scores, ws, K, P, DIGIT=digit,
+                                                      CHUNK=_SELECT_CHUNK, PDL=pdl)
+        _launch(_select_take_kernel, grid, pdl)(scores, ws, flag, union, sel, pos, B, K, P,
+                                                ONE_ROW=B == 1, CHUNK=_SELECT_CHUNK, PDL=pdl)
         n_union = ws[B * 3 * 2048 + B:]                                  # [1] int32
     else:
         if select == "single":
@@ -554,12 +610,12 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
 
     ids = torch.empty((B, k), dtype=torch.int64, device=dev)             # ids: [B, k] int64
     logits = torch.empty((B, k), dtype=torch.float32, device=dev)       # logits: [B, k] fp32
-    _launch(_score_union_kernel, (triton.cdiv(U, blk.group), nb))(
+    _launch(_score_union_kernel, (triton.cdiv(U, blk.group) * nb,), pdl)(
         h, weight, offsets, token_ids, pos, union, n_union, keys, ids, logits, B, K, D, P * C,
         C=C, GROUP=blk.group, BEST=k == 1, DOT_FP32=blk.dot_fp32, EVEN_D=even_d,
-        BLOCK_B=blk.block_b, BLOCK_C=blk.block_c, BLOCK_D=blk.block_d)
+        BLOCK_B=blk.block_b, BLOCK_C=blk.block_c, BLOCK_D=blk.block_d, PDL=pdl)
     if k > 1:
         best = torch.topk(keys, k, dim=1).values                       # [B, k], best first
-        _launch(_decode_keys_kernel, (triton.cdiv(B * k, 1024),))(best, ids, logits, B * k,
-                                                                    BLOCK=1024)
+        _launch(_decode_keys_kernel, (triton.cdiv(B * k, 1024),), pdl)(
+            best, ids, logits, B * k, BLOCK=1024, PDL=pdl)
     return ids, logits

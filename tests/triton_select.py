@@ -83,9 +83,10 @@ def run_select(select: str, s: torch.Tensor, P: int) -> dict[str, torch.Tensor]:
         grid = (triton.cdiv(K, chunk), B)
         for digit in (2, 3):
             flashhead_triton._launch(flashhead_triton._select_refine_kernel, grid)(
-                s, ws, K, P, DIGIT=digit, CHUNK=chunk)
+                s, ws, K, P, DIGIT=digit, CHUNK=chunk, PDL=False)
         flashhead_triton._launch(flashhead_triton._select_take_kernel, grid)(
-            s, ws, flag, union, sel, pos, B, K, P, ONE_ROW=B == 1, CHUNK=chunk)
+            s, ws, flag, union, sel, pos, B, K, P, ONE_ROW=B == 1, CHUNK=chunk,
+            PDL=False)
         out.update(union=union, n_union=ws[-1:])
     return {name: t.cpu() for name, t in out.items()}
 

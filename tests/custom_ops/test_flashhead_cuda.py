@@ -145,6 +145,22 @@ def test_every_selection_matches_reference(medium, fresh_seed, B) -> None:
         check(*flashhead_triton.triton_topk(h, *args, select=select), medium, h, 128, 4)
 
 
+@pytest.mark.parametrize("B,k", [(1, 1), (16, 4), (64, 1)])
+def test_pdl_launches_match_plain_launches(medium, fresh_seed, B, k) -> None:
+    """Programmatic dependent launch changes when the kernels start, not what they compute."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90 or newer")
+    h = draw_h(medium.centroids, B, 128, None, torch.bfloat16, CLEAR)
+    assert flashhead_triton._pdl_usable(h)
+    args = op_args(medium, torch.bfloat16, 128, k)
+    with_pdl = flashhead_triton.triton_topk(h, *args, pdl=True)
+    without = flashhead_triton.triton_topk(h, *args, pdl=False)
+    torch.cuda.synchronize()
+    assert torch.equal(with_pdl[0], without[0])
+    assert torch.equal(with_pdl[1], without[1])
+    check(*with_pdl, medium, h, 128, k)
+
+
 def test_opcheck(small, fresh_seed) -> None:
     h = torch.randn(3, 96, device="cuda", dtype=torch.bfloat16)
     args = (h, *op_args(small, torch.bfloat16, 4, 3), gumbel(3, small.num_clusters))
