@@ -380,10 +380,11 @@ def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union
     """Exact logits of the union's clusters for the rows that picked them.
 
     h [B, D]; weight [V, D] reordered; offsets [K + 1] int64; token_ids [V] int64; pos [B, K]
-    int32; union [U] int32 with length n_union[0].  Program g * cdiv(B, BLOCK_B) + bb scores
-    the rows of the GROUP clusters union[g * GROUP:(g + 1) * GROUP] (C or fewer rows each) once against BLOCK_B
-    rows of h (the row blocks of one cluster are consecutive programs, so they run together and
-    all but the first read its weight rows from L2), and for each row b and cluster c with p = pos[b, c] >= 0 writes slots
+    int32; union [U] int32 with length n_union[0].  Program g scores the rows of the GROUP
+    clusters union[g * GROUP:(g + 1) * GROUP] (C or fewer rows each) once against each
+    block of BLOCK_B rows of h in turn (after the first block the weight rows come from L1/L2:
+    one program per cluster, not one per cluster and row block, whose fixed latency dominated at
+    B=64), and for each row b and cluster c with p = pos[b, c] >= 0 writes slots
     p * C .. p * C + C - 1 of
       key [B, NCAND = P * C] int64: (logit as order-preserving int32) << 32 |
           (2**31 - 1 - vocab id), so the largest key is the largest logit, ties to the smallest
@@ -394,20 +395,19 @@ def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union
     key[b] = max(key[b], the program's best key of row b) by atomics, key[B] counts finished
     programs, and the last program to finish decodes key[:B] into ids [B, 1] int64 and logits
     [B, 1] fp32 (so no reduction launch follows).
-    GROUP > 1 only when clusters are narrower than the BLOCK_B-row tile (`_blocks`: BLOCK_B //
-    BLOCK_C, so 1 at 16-row tiles), so that h stays no larger than the weight rows a program
-    reads.
+    GROUP = BLOCK_B // BLOCK_C (`_blocks`: 1 at 16-row tiles, 4 at 64 rows and C = 16), so
+    that a program reads no more of h than of the weight.
     Cost: |union| * C * D * elt bytes of weight (12.6 MB for 256 clusters, C=16, D=1536 bf16;
     all 467 MB when the union covers every cluster) + 8 * B * P * C bytes written.
     """
     _pdl_entry(PDL, PDL)
-    nb = tl.cdiv(B, BLOCK_B)
-    g = tl.program_id(0) // nb
+    g = tl.program_id(0)
     n_union = tl.load(n_union_ptr)
     if g * GROUP < n_union:
-        _score_union_block(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union_ptr,
-                           n_union, key_ptr, g, tl.program_id(0) % nb, B, K, D, NCAND, C, GROUP,
-                           BEST, DOT_FP32, EVEN_D, BLOCK_B, BLOCK_C, BLOCK_D)
+        for bb in range(0, tl.cdiv(B, BLOCK_B)):
+            _score_union_block(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union_ptr,
+                               n_union, key_ptr, g, bb, B, K, D, NCAND, C, GROUP, BEST,
+                               DOT_FP32, EVEN_D, BLOCK_B, BLOCK_C, BLOCK_D)
     if BEST:
         # Last program out decodes the row maxima.  The barrier orders every thread's atomic_max
         # before the counter's release; the counter's acquire orders the reads after it.
@@ -430,15 +430,22 @@ def _score_union_block(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union_
                        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """The work of one `_score_union_kernel` program (see there): union clusters
     g * GROUP .. g * GROUP + GROUP - 1 against row block bb."""
-    lane = tl.arange(0, GROUP * BLOCK_C)                # GROUP clusters side by side
-    i = lane % BLOCK_C                                  # row inside its cluster
-    j = g * GROUP + lane // BLOCK_C                     # union slot of the lane
-    live = j < n_union
-    c = tl.load(union_ptr + j, mask=live, other=0).to(tl.int64)
-    start = tl.load(offsets_ptr + c, mask=live, other=0)
-    length = tl.load(offsets_ptr + c + 1, mask=live, other=0) - start
-    valid = live & (i < length) & (i < C)
-    rows = tl.where(valid, start + i, 0)                # [GROUP * BLOCK_C] int64
+    # Per cluster first ([GROUP]), then per lane ([GROUP, BLOCK_C] flattened, GROUP clusters
+    # side by side): gathering union and offsets straight per lane (slot = lane // BLOCK_C)
+    # fails to compile for GROUP > 1 with triton 3.6 (TritonGPURemoveLayoutConversions).
+    jg = g * GROUP + tl.arange(0, GROUP)                # union slots of the program
+    live_g = jg < n_union
+    c_g = tl.load(union_ptr + jg, mask=live_g, other=0).to(tl.int64)
+    start_g = tl.load(offsets_ptr + c_g, mask=live_g, other=0)
+    length_g = tl.load(offsets_ptr + c_g + 1, mask=live_g, other=0) - start_g
+    i2 = tl.broadcast_to(tl.arange(0, BLOCK_C)[None, :], (GROUP, BLOCK_C))
+    valid2 = live_g[:, None] & (i2 < length_g[:, None]) & (i2 < C)
+    rows2 = tl.where(valid2, start_g[:, None] + i2, 0)
+    i = tl.reshape(i2, (GROUP * BLOCK_C,))                # row inside its cluster
+    valid = tl.reshape(valid2, (GROUP * BLOCK_C,))
+    rows = tl.reshape(rows2, (GROUP * BLOCK_C,))          # [GROUP * BLOCK_C] int64
+    c = tl.reshape(tl.broadcast_to(c_g[:, None], (GROUP, BLOCK_C)), (GROUP * BLOCK_C,))
+    live = tl.reshape(tl.broadcast_to(live_g[:, None], (GROUP, BLOCK_C)), (GROUP * BLOCK_C,))
     b = bb * BLOCK_B + tl.arange(0, BLOCK_B)
     b_ok = b < B
     acc = tl.zeros((BLOCK_B, GROUP * BLOCK_C), dtype=tl.float32)
@@ -499,25 +506,29 @@ class _Blocks(NamedTuple):
     group: int      # union clusters per stage-2 program
     block_d: int    # hidden-size chunk per loop step
     dot_fp32: bool  # fp32 products (tl.dot in IEEE mode) instead of 16-bit tensor-core inputs
+    num_warps: int  # of the centroid and union kernels
 
 
-def _blocks(D: int, C: int, h_dtype: torch.dtype, w_dtype: torch.dtype) -> _Blocks:
-    """Tile sizes, the same at every batch size (they specialize no compiled graph on B).
-    16 rows of h per program (more rows: more programs along the grid's second axis);
-    tiles of 32/64 rows failed to compile with triton 3.6 on an H100 (MLIR pass
-    TritonGPURemoveLayoutConversions, 2026-11-26).  With 16 rows, Triton's default 4 warps and
-    128-wide D chunks (64 for fp32 products) spill no registers in the sm_90 builds (triton 3.9,
-    ptxas -v); a sweep of D chunks, warps and stages on an H200 found none more than ~1.5 us
-    faster.  (The take kernel still specializes on B == 1.)
+def _blocks(D: int, C: int, h_dtype: torch.dtype, w_dtype: torch.dtype, B: int) -> _Blocks:
+    """Tile sizes.  Rows of h per program: 16, 32 or 64, the smallest that holds B (more rows:
+    the union kernel loops over row blocks); union clusters per program: as many as make the
+    weight rows as many as the rows of h, so that a program reads no more of h than of the
+    weight (at B=64 with 16-row tiles, every cluster re-read all of h, 4x its own bytes, from
+    L2).  So a compiled graph specializes on B <= 16, B <= 32 and B == 1 (the take kernel).
+    4 warps and 128-wide D chunks (64 for fp32 products) spill no registers in the sm_90 builds
+    of 16- and 32-row tiles, nor 8 warps and 64-wide chunks at 64 rows (triton 3.6 and 3.9,
+    ptxas -v; 4 warps spill 0.1-1 KB there); a sweep of D chunks, warps and stages of the 16-row
+    tiles on an H200 found none more than ~1.5 us faster.
     """
     dot_fp32 = not (h_dtype == w_dtype and h_dtype in (torch.bfloat16, torch.float16))
-    block_b = 16
+    block_b = 16 if B <= 16 else 32 if B <= 32 else 64
     # Small centroid blocks so every SM streams (K=9496 -> 297 programs).
     block_k = 32
     block_c = max(16, triton.next_power_of_2(C))
     group = max(1, block_b // block_c)
-    block_d = min(64 if dot_fp32 else 128, max(16, triton.next_power_of_2(D)))
-    return _Blocks(block_b, block_k, block_c, group, block_d, dot_fp32)
+    wide = block_b == 64
+    block_d = min(64 if dot_fp32 or wide else 128, max(16, triton.next_power_of_2(D)))
+    return _Blocks(block_b, block_k, block_c, group, block_d, dot_fp32, 8 if wide else 4)
 
 
 def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
@@ -560,7 +571,7 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
     if B == 0:
         return (torch.empty((0, k), dtype=torch.int64, device=dev),
                 torch.empty((0, k), dtype=torch.float32, device=dev))
-    blk = _blocks(D, C, h.dtype, weight.dtype)
+    blk = _blocks(D, C, h.dtype, weight.dtype, B)
     even_d = D % blk.block_d == 0
     nb = triton.cdiv(B, blk.block_b)
     pdl = pdl and _pdl_usable(h)
@@ -581,7 +592,7 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
         h, centroids, noise, scores, flag, ws, keys, B, K, D,
         HAS_NOISE=centroid_noise is not None, HIST=multi, INIT_BEST=k == 1,
         DOT_FP32=blk.dot_fp32, EVEN_D=even_d, BLOCK_K=blk.block_k, BLOCK_B=blk.block_b,
-        BLOCK_D=blk.block_d, PDL=pdl)
+        BLOCK_D=blk.block_d, PDL=pdl, num_warps=blk.num_warps)
     U = torch.sym_min(B * P, K)                  # no guard on B when B is symbolic
     union = _empty((U,), torch.int32, dev)                              # union: [U] int32
     if select == "torch":       # torch.topk picks; `_mark_selected_kernel` fills pos below
@@ -610,10 +621,11 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
 
     ids = torch.empty((B, k), dtype=torch.int64, device=dev)             # ids: [B, k] int64
     logits = torch.empty((B, k), dtype=torch.float32, device=dev)       # logits: [B, k] fp32
-    _launch(_score_union_kernel, (triton.cdiv(U, blk.group) * nb,), pdl)(
+    _launch(_score_union_kernel, (triton.cdiv(U, blk.group),), pdl)(
         h, weight, offsets, token_ids, pos, union, n_union, keys, ids, logits, B, K, D, P * C,
         C=C, GROUP=blk.group, BEST=k == 1, DOT_FP32=blk.dot_fp32, EVEN_D=even_d,
-        BLOCK_B=blk.block_b, BLOCK_C=blk.block_c, BLOCK_D=blk.block_d, PDL=pdl)
+        BLOCK_B=blk.block_b, BLOCK_C=blk.block_c, BLOCK_D=blk.block_d, PDL=pdl,
+        num_warps=blk.num_warps)
     if k > 1:
         best = torch.topk(keys, k, dim=1).values                       # [B, k], best first
         _launch(_decode_keys_kernel, (triton.cdiv(B * k, 1024),), pdl)(

@@ -79,7 +79,7 @@ def test_matches_reference(assets, fresh_seed, B, probes, k) -> None:
     check(assets, draw_h(assets.centroids, B, probes), probes, k)
 
 
-@pytest.mark.parametrize("B", [1, 3, 17])
+@pytest.mark.parametrize("B", [1, 3, 17, 40])     # 16-, 32- and 64-row tiles
 def test_matches_reference_with_centroid_noise(assets, fresh_seed, B) -> None:
     gumbel = -torch.log(-torch.log(torch.rand(B, assets.num_clusters).clamp(1e-9, 1 - 1e-9)))
     check(assets, draw_h(assets.centroids, B, 6, gumbel), 6, 4, noise=gumbel)
