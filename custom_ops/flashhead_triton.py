@@ -6,8 +6,8 @@ k returned candidates.
 
 Pipeline of `triton_topk` (every launch fixed-size, no host sync: CUDA-graph capturable):
   1. `_centroid_scores_kernel`: S [B, K] fp32 = h . centroids (+ noise); each program reads a
-     block of centroids once for 16 rows (the next programs take the block's other rows, from
-     L2), zeroes its block of flag [K], and counts the first
+     block of centroids once for a tile of 16, 32 or 64 rows (`_blocks`; for B > 64 the next
+     programs take the block's other row tiles, from L2), zeroes its block of flag [K], and counts the first
      digit (top 11 bits) of every score's order key into a per-row histogram (global atomics).
   2. Multi-program radix select (the default; one program per 1024 clusters of a row):
      `_select_refine_kernel` twice counts the next digit (11, then 10 bits) of the scores whose

@@ -45,16 +45,19 @@ class FlashHeadConfig:
 
 
 def default_dense_above_rows(vocab: int, probes: int, cluster_size: int) -> int:
-    """Rows per call above which the dense head is used when dense_above_rows is None.
+    """Rows per call above which the dense head is used when dense_above_rows is None:
+    min(64, V // (probes * C)), i.e. while the rows' candidates together are at most one
+    vocabulary (B * probes * C <= V), and never above 64 rows (not measured).
 
     From benchmarks/head_latency on an H100 (torch 2.11, triton 3.6, V=151,936, D=1,536, C=16,
-    bf16, random weights and h, 2026-11-26): the Triton op beat dense + argmax at B <= 16 while
-    B * probes * C <= V / 2 (B=16, probes 256: 0.174 vs 0.194 ms), and lost above (B=16,
-    probes 512: 0.198 vs 0.194 ms; B=64, probes 64: 0.331 vs 0.211 ms).  Random h shares fewer
-    clusters than a real batch does, so this errs towards dense.  0 when probes * C > V / 2:
-    then even one row reads most of the head, and the dense path is used.
+    bf16, random weights and h, 2026-11-26), Triton op vs dense + argmax: faster at every B <= 32
+    and probes <= 512 (B=32, probes 256: 0.153 vs 0.203 ms; probes 512: 0.190 vs 0.203), and at
+    B=64 up to probes 128 (0.189 vs 0.211 ms); slower at B=64, probes 256 (0.239 vs 0.211 ms).
+    The rule gives 64 rows at probes 64/128, 37 at 256 and 18 at 512 (dense at B=32, probes
+    512, a 1.07x win given up).  Random h shares fewer clusters than a real batch does, so this
+    errs towards dense.  0 when probes * C > V: then even one row reads the whole head.
     """
-    return min(16, vocab // (2 * probes * cluster_size))
+    return min(64, vocab // (probes * cluster_size))
 
 
 class FlashHeadLMHead(nn.Module):

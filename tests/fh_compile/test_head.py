@@ -9,11 +9,12 @@ from fh_compile.head import FlashHeadConfig, FlashHeadLMHead, default_dense_abov
 
 
 def test_default_rule_follows_the_measured_break_even() -> None:
-    # Qwen2 head (V=151,936), C=16: FlashHead up to 16 rows at 256 probes, 9 at 512, 1 at 4096.
-    assert default_dense_above_rows(151936, 256, 16) == 16
-    assert default_dense_above_rows(151936, 512, 16) == 9
-    assert default_dense_above_rows(151936, 4096, 16) == 1
-    assert default_dense_above_rows(275, 18, 16) == 0     # 18 probes read more than V / 2
+    # Qwen2 head (V=151,936), C=16: FlashHead up to 64 rows at 64 probes, 37 at 256, 18 at 512.
+    assert default_dense_above_rows(151936, 64, 16) == 64
+    assert default_dense_above_rows(151936, 256, 16) == 37
+    assert default_dense_above_rows(151936, 512, 16) == 18
+    assert default_dense_above_rows(151936, 4096, 16) == 2
+    assert default_dense_above_rows(275, 18, 16) == 0     # 18 probes read more than V
 
 
 def test_dense_path_above_the_limit_matches_dense_logits(fresh_seed) -> None:
