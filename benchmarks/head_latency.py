@@ -32,7 +32,7 @@ METHODS = ("dense", "reference", "triton", "triton_nopdl", "triton_single", "tri
 
 @dataclass
 class HeadLatencyConfig:
-    batch_sizes: tuple[int, ...] = (1, 4, 16, 64)
+    batch_sizes: tuple[int, ...] = (1, 4, 16, 32, 64)
     probes: tuple[int, ...] = (64, 128, 256, 512)
     vocab: int = 151936
     hidden: int = 1536

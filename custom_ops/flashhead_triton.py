@@ -555,15 +555,6 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
     if select == "single" and triton.next_power_of_2(centroids.shape[0]) > _MAX_SELECT_K:
         raise ValueError(f"select='single' holds at most {_MAX_SELECT_K} clusters per row, "
                          f"got K={centroids.shape[0]}; use select='multi'")
-    if cluster_size > 16 and _TRITON_VERSION < (3, 7):
-        # Seen on an H100 with triton 3.6 (2026-11-26): a 32-row cluster tile fails in the MLIR
-        # pass TritonGPURemoveLayoutConversions.  Say so instead of crashing in the compiler.
-        from custom_ops.flashhead import FlashHeadInputError
-
-        raise FlashHeadInputError(
-            f"cluster_size={cluster_size} > 16 needs triton >= 3.7 for the Triton kernel (triton "
-            f"{triton.__version__} fails to compile it); build assets with cluster_size <= 16 "
-            f"or use FlashHeadConfig(kernel='reference')")
     B, D = h.shape
     K = centroids.shape[0]
     P, C = probes, cluster_size

@@ -142,3 +142,19 @@ def test_exact_ties_break_by_smallest_id(fresh_seed) -> None:
     assert bool((logits[:, :-1] == logits[:, 1:]).any()), "the test needs ties"
     assert torch.equal(logits, ref_logits)
     assert torch.equal(ids, ref_ids)
+
+
+@pytest.mark.parametrize("cluster_size", [8, 32])
+@pytest.mark.parametrize("B", [3, 40])      # 16-row tiles; 64-row tiles of 4 or 2 clusters
+def test_other_cluster_sizes(fresh_seed, cluster_size, B) -> None:
+    a = build_assets(torch.randn(301, 48), cluster_size=cluster_size, coarse_iters=2,
+                     fine_iters=2)
+    h = draw_h(a.centroids, B, 3)
+    args = (a.centroids, a.weight, a.offsets, a.token_ids, 3, cluster_size, 5)
+    ids, logits = triton_topk(h, *args)
+    ref_ids, ref_logits = flashhead_reference(h, *args)
+    rows = stable_rows(h, a.centroids, 3, None)
+    assert bool(rows.any())
+    torch.testing.assert_close(logits[rows], ref_logits[rows], rtol=1e-5, atol=1e-4)
+    top1_clear = (ref_logits[:, 0] - ref_logits[:, 1]) > 1e-4
+    assert torch.equal(ids[rows & top1_clear, 0], ref_ids[rows & top1_clear, 0])
