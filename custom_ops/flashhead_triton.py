@@ -382,9 +382,8 @@ def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union
     h [B, D]; weight [V, D] reordered; offsets [K + 1] int64; token_ids [V] int64; pos [B, K]
     int32; union [U] int32 with length n_union[0].  Program g scores the rows of the GROUP
     clusters union[g * GROUP:(g + 1) * GROUP] (C or fewer rows each) once against each
-    block of BLOCK_B rows of h in turn (after the first block the weight rows come from L1/L2:
-    one program per cluster, not one per cluster and row block, whose fixed latency dominated at
-    B=64), and for each row b and cluster c with p = pos[b, c] >= 0 writes slots
+    block of BLOCK_B rows of h in turn (more than one block only for B > 64; the later blocks
+    read the weight rows from L1/L2), and for each row b and cluster c with p = pos[b, c] >= 0 writes slots
     p * C .. p * C + C - 1 of
       key [B, NCAND = P * C] int64: (logit as order-preserving int32) << 32 |
           (2**31 - 1 - vocab id), so the largest key is the largest logit, ties to the smallest
@@ -396,7 +395,10 @@ def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union
     programs, and the last program to finish decodes key[:B] into ids [B, 1] int64 and logits
     [B, 1] fp32 (so no reduction launch follows).
     GROUP = BLOCK_B // BLOCK_C (`_blocks`: 1 at 16-row tiles, 4 at 64 rows and C = 16), so
-    that a program reads no more of h than of the weight.
+    that a program reads no more of h than of the weight.  Measured on an H100 at B=64, probes
+    64: 0.143 ms for the whole op with 64-row tiles of 4 clusters; with 16-row tiles 0.244 ms
+    (4 programs per cluster, launched one after another) or 0.291 ms (one program per cluster
+    looping over the 4 row blocks).
     Cost: |union| * C * D * elt bytes of weight (12.6 MB for 256 clusters, C=16, D=1536 bf16;
     all 467 MB when the union covers every cluster) + 8 * B * P * C bytes written.
     """
