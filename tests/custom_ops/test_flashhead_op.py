@@ -130,3 +130,16 @@ def test_triton_topk_refuses_unknown_or_oversized_selection(assets) -> None:
     wide = torch.zeros(16385, 96)                   # more clusters than one program holds
     with pytest.raises(ValueError, match="select='single' holds at most 16384 clusters.*'multi'"):
         triton_topk(args[0], wide, *args[2:], select="single")
+
+
+def test_programmatic_dependent_launch_is_never_traced() -> None:
+    # Inductor launches the kernels of a traced op itself and has no launch_pdl option for user
+    # kernels, so a fake (traced) CUDA tensor, like a CPU one, must not ask for PDL launches.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from custom_ops.flashhead_triton import _pdl_usable
+
+    assert not _pdl_usable(torch.empty(2, 8))
+    with FakeTensorMode():
+        fake = torch.empty(2, 8, device="cuda")
+        assert fake.is_cuda and not _pdl_usable(fake)
