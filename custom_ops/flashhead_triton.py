@@ -7,8 +7,9 @@ k returned candidates.
 Pipeline of `triton_topk` (every launch fixed-size, no host sync: CUDA-graph capturable):
   1. `_centroid_scores_kernel`: S [B, K] fp32 = h . centroids (+ noise); each program reads a
      block of centroids once for a tile of 16, 32 or 64 rows (`_blocks`; for B > 64 the next
-     programs take the block's other row tiles, from L2), zeroes its block of flag [K], and counts the first
-     digit (top 11 bits) of every score's order key into a per-row histogram (global atomics).
+     programs take the block's other row tiles, from L2), zeroes its block of flag [K], and
+     counts the first digit (top 11 bits) of every score's order key into a per-row histogram
+     (global atomics).
   2. Multi-program radix select (the default; one program per 1024 clusters of a row):
      `_select_refine_kernel` twice counts the next digit (11, then 10 bits) of the scores whose
      higher digits are the P-th largest's; `_select_take_kernel` then knows the P-th largest
@@ -36,6 +37,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
@@ -73,8 +75,6 @@ def _pdl_usable(h: torch.Tensor) -> bool:
             or not isinstance(_score_union_kernel, JITFunction)
             or torch.compiler.is_compiling() or type(h) is not torch.Tensor):
         return False
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-
     if _get_current_dispatch_mode_stack():        # make_fx / fake / functional tracing
         return False
     return torch.cuda.get_device_capability(h.device)[0] >= 9
@@ -383,8 +383,8 @@ def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union
     int32; union [U] int32 with length n_union[0].  Program g scores the rows of the GROUP
     clusters union[g * GROUP:(g + 1) * GROUP] (C or fewer rows each) once against each
     block of BLOCK_B rows of h in turn (more than one block only for B > 64; the later blocks
-    read the weight rows from L1/L2), and for each row b and cluster c with p = pos[b, c] >= 0 writes slots
-    p * C .. p * C + C - 1 of
+    read the weight rows from L1/L2), and for each row b and cluster c with p = pos[b, c] >= 0
+    writes slots p * C .. p * C + C - 1 of
       key [B, NCAND = P * C] int64: (logit as order-preserving int32) << 32 |
           (2**31 - 1 - vocab id), so the largest key is the largest logit, ties to the smallest
           vocab id; the logit is exact and decodes back from the key (`_decode_key`); padding
