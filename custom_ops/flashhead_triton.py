@@ -574,7 +574,8 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
     flag = _empty((K,), torch.int32, dev)             # flag: [K] int32, zeroed by stage 1
     # ws: the multi-program selection's digit histograms [B, 3, 2048] and counters [B + 1]
     # (picks per row, union length), int32, one memset.
-    ws = torch.zeros((B * 3 * 2048 + B + 1,) if multi else (1,), dtype=torch.int32, device=dev)
+    n_hist = B * _WS_ROW.value                   # ints of histograms; counters follow
+    ws = torch.zeros((n_hist + B + 1,) if multi else (1,), dtype=torch.int32, device=dev)
     # Without noise the kernel never reads noise_ptr; h stands in (not `scores`: one tensor as
     # both a read and a written argument would look aliased to Inductor).
     noise = centroid_noise.contiguous() if centroid_noise is not None else h
@@ -601,7 +602,7 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
                                                       CHUNK=_SELECT_CHUNK, PDL=pdl)
         _launch(_select_take_kernel, grid, pdl)(scores, ws, flag, union, sel, pos, B, K, P,
                                                 ONE_ROW=B == 1, CHUNK=_SELECT_CHUNK, PDL=pdl)
-        n_union = ws[B * 3 * 2048 + B:]                                  # [1] int32
+        n_union = ws[n_hist + B:]                                        # [1] int32
     else:
         if select == "single":
             _launch(_select_top_kernel, (B,))(scores, sel, pos, flag, K, P,
