@@ -8,7 +8,8 @@ Hidden states are the LM head's inputs under teacher forcing (benchmarks.fidelit
 cached as safetensors under --cache-dir, so a re-run only redoes the metrics.  Without --assets the
 benchmark builds one clustering per --clusterings entry (k-means iterations per level : flat
 refinement iterations [: refinement metric]), caches the assets under --cache-dir, and scores each with every
---centroid-modes scoring vector (same clustering, centroids recomputed with centroids_for).
+--centroid-modes scoring vector (same clustering, centroids recomputed with centroids_for); with
+--assets it scores the assets' own stored centroids unless --centroid-modes says otherwise.
 Metric definitions: benchmarks.fidelity_metrics.  The dense reference is h @ W^T in fp32 with W the
 head weight from load_lm_head_weight (fp32 dequantized for a GGUF).
 """
@@ -66,8 +67,12 @@ class FidelityConfig:
             if d not in fd.DATASETS:
                 raise ValueError(f"unknown data set {d!r}; choose from {fd.DATASETS}")
         for m in self.centroid_modes:
-            if m not in CENTROID_MODES:
-                raise ValueError(f"unknown centroid mode {m!r}; choose from {CENTROID_MODES}")
+            if m not in (*CENTROID_MODES, "stored"):
+                raise ValueError(f"unknown centroid mode {m!r}; choose from {CENTROID_MODES} "
+                                 f"or 'stored' (the centroids saved in --assets)")
+            if m == "stored" and not self.assets:
+                raise ValueError("centroid mode 'stored' scores the centroids saved in --assets; "
+                                 "pass --assets DIR or choose from " + str(CENTROID_MODES))
         for c in self.clusterings:
             parts = c.split(":")
             if (len(parts) not in (2, 3) or not all(p.isdigit() for p in parts[:2])
@@ -158,7 +163,8 @@ def run(cfg: FidelityConfig) -> dict:
     variants: list[tuple[str, str, HeadClusters]] = []
     for label, assets in clusterings(cfg, weight, fp):
         for mode in cfg.centroid_modes:
-            cent = centroids_for(assets.weight.float(), assets.offsets, mode)
+            cent = (assets.centroids.float() if mode == "stored"
+                    else centroids_for(assets.weight.float(), assets.offsets, mode))
             variants.append((label, mode, HeadClusters.from_assets(assets, cent)))
     rows, curves = [], []
     for name, hs in sets.items():
@@ -261,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clusterings", nargs="+", default=["12:6", "12:3"],
                    help="ITERS:REFINE[:METRIC] per clustering to build: k-means iterations per "
                         "level, flat refinement iterations, refinement metric (euclidean|cosine)")
-    p.add_argument("--centroid-modes", nargs="+", default=list(CENTROID_MODES))
+    p.add_argument("--centroid-modes", nargs="+",
+                   help=f"scoring vectors per clustering: {', '.join(CENTROID_MODES)} (recomputed "
+                        f"from the clustering) or stored (the centroids in --assets); default: "
+                        f"stored with --assets, else all recomputed modes")
     p.add_argument("--dtype", default="bfloat16", help="model dtype for the hidden states")
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
@@ -273,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = FidelityConfig(model=a.model, assets=a.assets, tokens=a.tokens, probes=tuple(a.probes),
                          per_item=a.per_item or None,
                          datasets=tuple(a.datasets), clusterings=tuple(a.clusterings),
-                         centroid_modes=tuple(a.centroid_modes), dtype=a.dtype, max_len=a.max_len,
+                         centroid_modes=tuple(a.centroid_modes or (
+                             ("stored",) if a.assets else CENTROID_MODES)),
+                         dtype=a.dtype, max_len=a.max_len,
                          seed=a.seed, data_dir=a.data_dir, cache_dir=a.cache_dir, out=a.out,
                          threads=a.threads)
     result = run(cfg)

@@ -121,3 +121,34 @@ def test_main_end_to_end_and_cache(tiny_hf_untied, tmp_path, capsys):
     assert fidelity.main(argv) == 0                                     # second run: all cached
     printed = capsys.readouterr().out
     assert "loaded" not in printed and "cached in" in printed
+
+
+def test_given_assets_are_scored_with_their_stored_centroids(tiny_hf_untied, tmp_path, capsys):
+    from dataclasses import replace
+
+    from fh_compile.assets import FlashHeadAssets
+
+    _write_data(tmp_path)
+    common = ["--model", str(tiny_hf_untied), "--tokens", "40", "--probes", "2",
+              "--data-dir", str(tmp_path), "--dtype", "float32",
+              "--cache-dir", str(tmp_path / "cache")]
+    assert fidelity.main(common + ["--clusterings", "2:1", "--centroid-modes", "mean",
+                                   "--out", str(tmp_path / "built.json")]) == 0
+    built = json.loads((tmp_path / "built.json").read_text())["rows"]
+    folder = next((tmp_path / "cache").glob("assets-*"))
+    a = FlashHeadAssets.load(folder)
+    # Negated centroids probe the clusters least like h: the stored centroids must be the ones
+    # scored, so agreement falls.
+    replace(a, centroids=-centroids_for(a.weight.float(), a.offsets, "mean")).save(
+        tmp_path / "negated")
+    out = tmp_path / "given.json"
+    assert fidelity.main(common + ["--assets", str(tmp_path / "negated"), "--out", str(out)]) == 0
+    given = json.loads(out.read_text())["rows"]
+    assert {r["centroid_mode"] for r in given} == {"stored"}
+    mean_top1 = {r["dataset"]: r["top1_agreement"] for r in built if r["positions_subset"] == "all"}
+    for r in given:
+        if r["positions_subset"] == "all":
+            assert r["top1_agreement"] < mean_top1[r["dataset"]], (r, mean_top1)
+    with pytest.raises(ValueError, match="'stored' scores the centroids saved in --assets"):
+        fidelity.main(common + ["--centroid-modes", "stored", "--out", str(out)])
+    capsys.readouterr()
