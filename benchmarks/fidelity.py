@@ -45,7 +45,8 @@ class FidelityConfig:
     probes: tuple[int, ...] = (32, 64, 128, 256, 512)
     datasets: tuple[str, ...] = fd.DATASETS
     clusterings: tuple[str, ...] = ("12:6", "12:3")  # "iters:refine_iters[:metric]"
-    centroid_modes: tuple[str, ...] = CENTROID_MODES
+    # None: ("stored",) (the centroids saved in assets) with assets, else every CENTROID_MODES
+    centroid_modes: tuple[str, ...] | None = None
     cluster_size: int = 16
     dtype: str = "bfloat16"                    # model dtype for the hidden states
     max_len: int = 1024
@@ -57,6 +58,8 @@ class FidelityConfig:
     builds: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.centroid_modes is None:
+            self.centroid_modes = ("stored",) if self.assets else CENTROID_MODES
         if self.per_item is not None and self.per_item < 1:
             raise ValueError(f"--per-item must be >= 1, got {self.per_item}")
         if self.tokens < 1:
@@ -282,8 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = FidelityConfig(model=a.model, assets=a.assets, tokens=a.tokens, probes=tuple(a.probes),
                          per_item=a.per_item or None,
                          datasets=tuple(a.datasets), clusterings=tuple(a.clusterings),
-                         centroid_modes=tuple(a.centroid_modes or (
-                             ("stored",) if a.assets else CENTROID_MODES)),
+                         centroid_modes=tuple(a.centroid_modes) if a.centroid_modes else None,
                          dtype=a.dtype, max_len=a.max_len,
                          seed=a.seed, data_dir=a.data_dir, cache_dir=a.cache_dir, out=a.out,
                          threads=a.threads)
