@@ -189,7 +189,7 @@ def test_cuda_graph_replay_with_new_inputs(medium, fresh_seed, k) -> None:
 
 
 @pytest.mark.parametrize("mode,B", [(None, 8), ("reduce-overhead", 8), (None, 64)])
-def test_fullgraph_compile(medium, fresh_seed, mode, B) -> None:     # B=64: 4 programs along B
+def test_fullgraph_compile(medium, fresh_seed, mode, B) -> None:     # B=64: 64-row tiles, GROUP=4
     torch._dynamo.reset()
     dtype, probes, k = torch.bfloat16, 64, 4
 
