@@ -12,9 +12,14 @@ import torch
 from custom_ops import flashhead as _flashhead  # registers torch.ops.flashhead.*
 from custom_ops.flashhead import FlashHeadInputError, check_inputs
 from custom_ops.reference import dense_reference, flashhead_reference
+from custom_ops import fused_linear as _fused_linear  # registers rms_norm_linear, act_linear
+from custom_ops.fused_linear import (FusedLinearInputError, act_linear_reference,
+                                     rms_norm_linear_reference)
 
 __all__ = ["FlashHeadTopK", "FlashHeadInputError", "flashhead_topk", "check_inputs",
-           "dense_reference", "flashhead_reference"]
+           "dense_reference", "flashhead_reference",
+           "NormLinearOut", "FusedLinearInputError", "rms_norm_linear", "act_linear",
+           "rms_norm_linear_reference", "act_linear_reference"]
 
 
 class FlashHeadTopK(NamedTuple):
@@ -40,3 +45,39 @@ def flashhead_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tenso
     ids, logits = torch.ops.flashhead.topk(h, centroids, weight, offsets, token_ids, probes,
                                            cluster_size, k, centroid_noise)
     return FlashHeadTopK(ids, logits)
+
+
+class NormLinearOut(NamedTuple):
+    out: torch.Tensor       # [B, N] x's dtype: the linear's output
+    residual: torch.Tensor  # [B, K] x's dtype: the residual stream after the add (r)
+
+
+def rms_norm_linear(x: torch.Tensor, residual: Optional[torch.Tensor],
+                    branch_norm: Optional[torch.Tensor], norm: torch.Tensor,
+                    weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
+                    norm_offset: float) -> NormLinearOut:
+    """Residual add + RMSNorm + linear in one kernel on CUDA (a memory-bound GEMV).
+
+    x [B, K]; residual [B, K] or None; branch_norm [K] or None (Gemma: post-norm of the branch x
+    before the add); norm [K]; weight [N, K]; bias [N] or None; one dtype (bf16/fp16/fp32; the
+    norm weights may be any of them).  fp32 math, rounded to the dtype at each ▸:
+      b = x, or ▸(rms(x) * (norm_offset + branch_norm));  r = ▸(b + residual) or b
+      out = ▸(▸(rms(r) * (norm_offset + norm)) @ weight^T + bias),  rms(v) = v * rsqrt(mean(v^2)
+      + eps);  norm_offset is 0.0 for Llama/Qwen/Mistral, 1.0 for Gemma (scale 1 + w).
+    Returns NormLinearOut(out [B, N], residual [B, K] = r), a tuple.
+    Raises FusedLinearInputError on bad shapes, dtypes, devices or layouts.
+    """
+    out, residual_out = torch.ops.flashhead.rms_norm_linear(x, residual, branch_norm, norm,
+                                                            weight, bias, eps, norm_offset)
+    return NormLinearOut(out, residual_out)
+
+
+def act_linear(x: torch.Tensor, weight: torch.Tensor, act: str = "none") -> torch.Tensor:
+    """Activation-mul + linear in one kernel on CUDA (a memory-bound GEMV).
+
+    act "none": x [B, K], out = ▸(x @ weight^T).  act "silu_mul" / "gelu_tanh_mul": x [B, 2K] =
+    [gate | up] (gate first), out = ▸(▸(act(gate) * up) @ weight^T), gelu with the tanh
+    approximation.  weight [N, K] in x's dtype (bf16/fp16/fp32); fp32 math.  Returns out [B, N].
+    Raises FusedLinearInputError on an unknown act or bad shapes, dtypes, devices or layouts.
+    """
+    return torch.ops.flashhead.act_linear(x, weight, act)

@@ -1,0 +1,110 @@
+"""The fused-linear Triton kernel under the Triton interpreter (CPU), against the PyTorch reference.
+
+Run in its own process:
+    TRITON_INTERPRET=1 pytest -m interpret tests/custom_ops/test_fused_linear_triton_interpret.py
+fp32 only: the interpreter gets bf16 x bf16 tl.dot wrong (triton 3.9); the 16-bit paths are
+checked on the GPU (tests/custom_ops/test_fused_linear_cuda.py).  Outputs are poisoned (NaN).
+"""
+
+import os
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    import pytest
+
+    pytest.skip("Triton interpreter tests: run with TRITON_INTERPRET=1 in their own process",
+                allow_module_level=True)
+os.environ["TRITON_INTERPRET"] = "1"  # (set by the runner already) before triton is imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from custom_ops import fused_linear_triton as flt  # noqa: E402
+from custom_ops.fused_linear import act_linear_reference, rms_norm_linear_reference  # noqa: E402
+from custom_ops.fused_linear_triton import GemvConfig  # noqa: E402
+from triton_poison import poisoned_empty  # noqa: E402
+
+pytestmark = pytest.mark.interpret
+N, K = 40, 96           # N not a multiple of any block_n used; K not a power of two
+# One K step and several (EVEN_K and masked K tails); FMA rows (block_b 1) and tl.dot tiles.
+CONFIGS = {
+    "fma_k32": GemvConfig(1, 16, 32),
+    "fma_k64_tail": GemvConfig(1, 8, 64),
+    "dot16_k32": GemvConfig(16, 16, 32),
+    "dot32_k64_tail": GemvConfig(32, 32, 64),
+}
+TOL = dict(rtol=1e-5, atol=1e-4)
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(flt, "_empty", poisoned_empty)
+
+
+def test_kernel_is_interpreted() -> None:
+    assert not isinstance(flt._fused_gemv_kernel, JITFunction), (
+        "triton was imported before TRITON_INTERPRET=1: run this file in its own process")
+
+
+def rms_inputs(B: int, res: bool, bn: bool, bias: bool):
+    x = torch.randn(B, K)
+    return (x, torch.randn(B, K) if res else None, torch.randn(K) if bn else None,
+            torch.randn(K), torch.randn(N, K) / K ** 0.5, torch.randn(N) if bias else None)
+
+
+@pytest.mark.parametrize("config", [None, *CONFIGS])
+@pytest.mark.parametrize("B", [1, 3, 17])
+def test_rms_norm_linear_matches_reference(fresh_seed, B, config) -> None:
+    cfg = CONFIGS.get(config)
+    if cfg is not None and cfg.block_b > 1 and B == 1 and config != "dot16_k32":
+        pytest.skip("one tl.dot config at B = 1 is enough")
+    for res in (False, True):
+        for bn in (False, True):
+            bias = res != bn
+            offset = 1.0 if bn else 0.0
+            args = (*rms_inputs(B, res, bn, bias), 1e-6, offset)
+            out, rout = flt.rms_norm_linear_triton(*args, config=cfg)
+            ref_out, ref_rout = rms_norm_linear_reference(*args)
+            assert out.shape == (B, N) and rout.shape == (B, K)
+            torch.testing.assert_close(out, ref_out, **TOL)
+            torch.testing.assert_close(rout, ref_rout, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("act", ["none", "silu_mul", "gelu_tanh_mul"])
+@pytest.mark.parametrize("config", [None, *CONFIGS])
+@pytest.mark.parametrize("B", [1, 3, 17])
+def test_act_linear_matches_reference(fresh_seed, B, config, act) -> None:
+    cfg = CONFIGS.get(config)
+    if cfg is not None and cfg.block_b > 1 and B == 1 and config != "dot16_k32":
+        pytest.skip("one tl.dot config at B = 1 is enough")
+    x = 2 * torch.randn(B, K if act == "none" else 2 * K)
+    w = torch.randn(N, K) / K ** 0.5
+    out = flt.act_linear_triton(x, w, act, config=cfg)
+    assert out.shape == (B, N)
+    torch.testing.assert_close(out, act_linear_reference(x, w, act), **TOL)
+
+
+def test_more_rows_than_one_tile(fresh_seed) -> None:
+    # B = 70 > 64: the program loops over 64-row blocks (and 5 blocks of 16).
+    args = (*rms_inputs(70, True, True, True), 1e-5, 1.0)
+    ref_out, ref_rout = rms_norm_linear_reference(*args)
+    for cfg in (None, GemvConfig(16, 16, 64)):
+        out, rout = flt.rms_norm_linear_triton(*args, config=cfg)
+        torch.testing.assert_close(out, ref_out, **TOL)
+        torch.testing.assert_close(rout, ref_rout, rtol=1e-6, atol=1e-6)
+
+
+def test_large_activations_do_not_overflow(fresh_seed) -> None:
+    # exp(-g) overflows to inf for g < -88: silu and gelu must still give -0, not NaN.
+    x = torch.randn(3, 2 * K) * 100
+    w = torch.randn(N, K) / K ** 0.5
+    for act in ("silu_mul", "gelu_tanh_mul"):
+        out = flt.act_linear_triton(x, w, act)
+        assert not bool(out.isnan().any())
+        torch.testing.assert_close(out, act_linear_reference(x, w, act), rtol=1e-5, atol=1e-2)
+
+
+def test_empty_batch() -> None:
+    out, rout = flt.rms_norm_linear_triton(torch.empty(0, K), None, None, torch.ones(K),
+                                           torch.randn(N, K), None, 1e-6, 0.0)
+    assert out.shape == (0, N) and rout.shape == (0, K)
