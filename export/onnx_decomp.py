@@ -68,4 +68,63 @@ def flashhead_topk_onnx(h, centroids, weight, offsets, token_ids, probes: int,
 
 def translation_table() -> dict:
     """The `custom_translation_table` argument of torch.onnx.export for models with FlashHead."""
-    return {FLASHHEAD_OP: flashhead_topk_onnx}
+    return {FLASHHEAD_OP: flashhead_topk_onnx, RMS_NORM_LINEAR_OP: rms_norm_linear_onnx,
+            ACT_LINEAR_OP: act_linear_onnx}
+
+
+# -- The fused decode linears (custom_ops/fused_linear.py) in standard ONNX ops ------------------
+# Same steps as custom_ops.fused_linear's references: fp32 math (Cast), rounding to the input
+# dtype where they round (CastLike x, then back to fp32), MatMul against the transposed weight.
+RMS_NORM_LINEAR_OP = torch.ops.flashhead.rms_norm_linear.default
+ACT_LINEAR_OP = torch.ops.flashhead.act_linear.default
+
+
+def _round_like(v, like):
+    """fp32 v rounded to `like`'s dtype and back to fp32 (the references' rounding steps)."""
+    return op.Cast(op.CastLike(v, like), to=1)
+
+
+def _rms_scale(v, w, eps: float, offset: float):
+    """fp32 v [B, K] * 1 / sqrt(mean(v^2) + eps) * (offset + w [K])."""
+    ms = op.ReduceMean(op.Mul(v, v), _ints(-1), keepdims=1)                    # [B, 1]
+    inv = op.Reciprocal(op.Sqrt(op.Add(ms, op.Constant(value_float=eps))))
+    scale = op.Add(op.Cast(w, to=1), op.Constant(value_float=offset))           # [K]
+    return op.Mul(op.Mul(v, inv), scale)
+
+
+def _linear(h, weight):
+    """fp32 h [B, K] @ weight [N, K]^T -> [B, N] fp32."""
+    return op.MatMul(h, op.Transpose(op.Cast(weight, to=1), perm=[1, 0]))
+
+
+def rms_norm_linear_onnx(x, residual, branch_norm, norm, weight, bias, eps: float,
+                         norm_offset: float):
+    """x [B, K]; residual [B, K] or None; branch_norm [K] or None; norm [K]; weight [N, K]; bias
+    [N] or None -> (out [B, N], residual_out [B, K]) in x's dtype."""
+    r = op.Cast(x, to=1)
+    if branch_norm is not None:
+        r = _round_like(_rms_scale(r, branch_norm, eps, norm_offset), x)
+    if residual is not None:
+        r = _round_like(op.Add(r, op.Cast(residual, to=1)), x)
+    y = _round_like(_rms_scale(r, norm, eps, norm_offset), x)
+    out = _linear(y, weight)
+    if bias is not None:
+        out = op.Add(out, op.Cast(bias, to=1))
+    return op.CastLike(out, x), op.CastLike(r, x)
+
+
+def act_linear_onnx(x, weight, act: str):
+    """x [B, K] ("none") or [B, 2K] = [gate | up]; weight [N, K] -> out [B, N] in x's dtype."""
+    h = op.Cast(x, to=1)
+    if act != "none":
+        gate, up = op.Split(h, axis=-1, num_outputs=2)
+        if act == "silu_mul":
+            a = op.Mul(gate, op.Sigmoid(gate))
+        else:       # gelu, tanh approximation: 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3)))
+            cube = op.Mul(op.Mul(gate, gate), gate)
+            z = op.Mul(op.Constant(value_float=0.7978845608028654),
+                       op.Add(gate, op.Mul(op.Constant(value_float=0.044715), cube)))
+            a = op.Mul(op.Mul(op.Constant(value_float=0.5), gate),
+                       op.Add(op.Constant(value_float=1.0), op.Tanh(z)))
+        h = _round_like(op.Mul(a, up), x)
+    return op.CastLike(_linear(h, weight), x)
