@@ -128,7 +128,7 @@ def group(model: torch.nn.Module, assets, heads: list[str], mode: str | None, B:
     compile_model(view, None, k=cfg.k, mode=mode, flashhead=False, max_batch_size=B, fuse=fuse,
                   max_cache_len=cfg.prompt_len + 1 + cfg.warmup + steps + 8)
     dec = view.fh_compiled
-    dev = dec.step.attn_mask.device
+    dev = dec.step.device
     tok = torch.randint(0, min(1000, model.config.vocab_size), (B,), device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     out = []
@@ -161,7 +161,7 @@ def group(model: torch.nn.Module, assets, heads: list[str], mode: str | None, B:
 
 
 def prefill(step, B: int, cfg: TpotConfig) -> None:
-    dev = step.attn_mask.device
+    dev = step.device
     g = torch.Generator(device=dev).manual_seed(B)
     hi = min(1000, step.model.config.vocab_size)
     step.prefill_hidden(torch.randint(0, hi, (B, cfg.prompt_len), device=dev, generator=g))

@@ -75,7 +75,7 @@ def package_and_verify(step: DecodeStep, programs: dict[str, ExportedProgram], o
     unknown = set(which) - set(AOTI_PROGRAMS)
     if unknown or not which:
         raise ValueError(f"AOTI programs must be a non-empty subset of {AOTI_PROGRAMS}, got {which}")
-    device = str(step.attn_mask.device)
+    device = str(step.device)
     artifacts, paths = [], {}
     for name in which:
         t0 = time.perf_counter()

@@ -1,6 +1,7 @@
 """Exportable views of a DecodeStep (fh_compile.decode): its state becomes explicit inputs.
 
-A DecodeStep keeps its state (the StaticCache tensors `kv{i}_k`, `kv{i}_v` [B, H_kv, L, Dh],
+A DecodeStep keeps its state (fast forward: `kv{i}_k`, `kv{i}_v` [B, H_kv, L, Dh], `fill` [1]
+int64, `starts` [B] int64; transformers' forward: the StaticCache tensors `kv{i}_k`, `kv{i}_v`,
 `kv{i}_len` [] int64, `attn_mask` [B, L] int64, `positions` [B] int64) in buffers mutated in
 place.  Exported as is, each program would own a private copy of that state, so a prefill program
 could never hand its cache to a decode program.  The modules here take the state as a dict input
@@ -50,7 +51,7 @@ class _StateAsInputs(nn.Module):
         # The StaticCache layers hold the same tensors by reference; find them by identity, so
         # this works whatever attribute names the transformers version uses.
         self._aliases: dict[str, list[tuple[object, str]]] = {n: [] for n in self.names}
-        for layer in step.cache.layers:
+        for layer in (step.cache.layers if step.fast is None else []):
             for attr, value in vars(layer).items():
                 for name, buf in buffers.items():
                     if value is buf:

@@ -123,7 +123,7 @@ def _assets_for(cfg: ExportConfig, model: torch.nn.Module) -> tuple[FlashHeadAss
 def _fp32_cpu_step(model: torch.nn.Module, step: DecodeStep) -> DecodeStep:
     """A DecodeStep of an fp32 CPU copy of the model (for ONNX); the model itself if it is one."""
     src = step.model
-    if next(src.parameters()).dtype != torch.float32 or step.attn_mask.device.type != "cpu":
+    if next(src.parameters()).dtype != torch.float32 or step.device.type != "cpu":
         src = copy.deepcopy(model).to("cpu", torch.float32)
     return DecodeStep(src, max_batch_size=step.max_batch_size, max_cache_len=step.max_cache_len,
                       k=step.k)

@@ -81,7 +81,7 @@ def export_prefill(step: DecodeStep, prompt: Prompt) -> ExportedProgram:
 
 
 def export_decode(step: DecodeStep) -> ExportedProgram:
-    ids = torch.zeros(step.max_batch_size, 1, dtype=torch.int64, device=step.attn_mask.device)
+    ids = torch.zeros(step.max_batch_size, 1, dtype=torch.int64, device=step.device)
     with torch.no_grad():
         return torch.export.export(Decode(step), (ids, new_state(step)), strict=False)
 
@@ -134,7 +134,7 @@ def save_and_verify(step: DecodeStep, out: Path, prompt: Prompt, steps: int, ver
     """Export prefill and decode, check the FlashHead node, save to out/{prefill,decode}.pt2,
     and (verify) reload both and compare greedy tokens with the eager step."""
     programs, artifacts, paths = {}, [], {}
-    device = str(step.attn_mask.device)
+    device = str(step.device)
     for name, make in (("prefill", lambda: export_prefill(step, prompt)),
                        ("decode", lambda: export_decode(step))):
         t0 = time.perf_counter()

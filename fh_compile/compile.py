@@ -114,7 +114,7 @@ class CompiledDecoder:
                    pad: int) -> Callable:
         """Uncompiled fn(h [B, D], finished [B] bool) -> (next tokens [B], finished [B])."""
         eos_ids = torch.tensor(eos or (-1,), dtype=torch.int64,
-                               device=self.step.attn_mask.device)           # [E]
+                               device=self.step.device)           # [E]
         torch._dynamo.mark_static_address(eos_ids)
         k = self.step.k
 

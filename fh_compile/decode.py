@@ -1,4 +1,4 @@
-"""Static-KV-cache decoding for Hugging Face causal LMs (Qwen2, Llama; tied or untied heads).
+"""Static-KV-cache decoding for Hugging Face causal LMs: the fast forward or transformers' own.
 
 Interface (shared by fh_compile.generate and export/):
 
@@ -6,21 +6,27 @@ Interface (shared by fh_compile.generate and export/):
     first = step.prefill(prompt_ids, attention_mask)      # [B, T], left padded -> FlashHeadTopK
     out = step(next_ids)                                   # next_ids [B, 1] -> FlashHeadTopK
     tok = step.next_tokens(next_ids, SamplingConfig(...))  # [B, 1] -> [B] int64
+    step.info                                              # StepInfo: which forward / attention
 
-* Only the decoder body (`model.base_model`, e.g. `model.model`) runs over the sequence; the head
-  (a FlashHeadLMHead or the plain dense nn.Linear) sees the LAST position only, through `head_topk`
-  / `head_next_tokens`: no [B, T, V] logits are ever made.
-* State lives in buffers with fixed addresses, mutated in place, so `forward` and `next_tokens`
-  compile with `fullgraph=True` and replay as CUDA graphs: the transformers `StaticCache` tensors
-  (`kv{i}_k`, `kv{i}_v` [B, H_kv, L, Dh], `kv{i}_len` [] int64: slots filled), `attn_mask`
-  [B, L] int64 (1 where a slot holds a real token of that row) and `positions` [B] int64 (rotary
-  position of each row's next token: left padding shifts it per row).
+* Two forwards.  "fast" (fh_compile.fast_decoder: fused weights built from this instance, six
+  custom ops a layer, decode attention that reads only the filled slots) for the architectures
+  in fh_compile.arch.FAST_ARCHS; "hf" (transformers' own forward over a StaticCache) for the
+  rest, or when asked (`forward="hf"`, for A/B runs).  `forward="auto"` picks fast where it
+  can and records why not in `step.info.reason`; nothing falls back silently.
+* Only the decoder body runs over the sequence; the head (a FlashHeadLMHead or the plain dense
+  nn.Linear) sees the LAST position only, through `head_topk` / `head_next_tokens`: no
+  [B, T, V] logits are ever made.
+* State lives in buffers with fixed addresses, mutated in place, so the step compiles with
+  `fullgraph=True` and replays as a CUDA graph.  fast: `kv{i}_k`, `kv{i}_v` [B, H_kv, L, Dh],
+  `fill` [1] int64 (slots written), `starts` [B] int64 (first real slot of each row: left
+  padding).  hf: the transformers StaticCache tensors (`kv{i}_k`, `kv{i}_v`, `kv{i}_len` []
+  int64), `attn_mask` [B, L] int64 (1 where a slot holds a real token of that row) and
+  `positions` [B] int64 (rotary position of each row's next token).
 * Every call must pass exactly `max_batch_size` rows (the cache's batch is fixed); callers pad the
-  batch with copies of a real row.  `cache_position` [1] int64, when given, must equal the number
-  of slots already filled (the cache's own counter `kv0_len`, which is what None reads).
-* `prefill` (eager, any T <= L) resets the state first; `reset()` does only that.
-* Build the step on the model's device and do not `.to()` it afterwards: the cache object holds
-  the buffers by reference.
+  batch with copies of a real row.
+* `prefill` (eager, any T < L) resets the state first; `reset()` does only that.
+* Build the step on the model's device and do not `.to()` it afterwards: the caches are
+  allocated there (and the hf StaticCache holds its buffers by reference).
 
 transformers 5.17 names the body's cache argument `past_key_values`, 5.24 `cache` (the old name is
 deprecated there); both keep the fill counter inside the StaticCache layers, so no
@@ -30,14 +36,22 @@ deprecated there); both keep the fill counter inside the StaticCache layers, so 
 from __future__ import annotations
 
 import inspect
+import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import StaticCache
 
 from custom_ops import FlashHeadTopK
+from fh_compile.arch import UnsupportedArchitecture
+from fh_compile.fast_decoder import FastDecoder
 from fh_compile.head import FlashHeadLMHead, _output_embeddings
 from fh_compile.sampling import SamplingConfig, sample_candidates
+
+log = logging.getLogger(__name__)
+
+FORWARDS = ("auto", "fast", "hf")
 
 
 def head_topk(head: nn.Module, h: torch.Tensor, k: int,
@@ -79,16 +93,30 @@ def _cache_argument_name(body: nn.Module) -> str:
                     f"DecodeStep supports Hugging Face decoder-only models (Qwen2, Llama)")
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """Which decoder forward a DecodeStep runs.  forward: "fast" or "hf"; attention: the decode
+    attention ("flashhead::decode_attention" or transformers' implementation name); reason: why
+    the fast forward is not used (None when it is)."""
+
+    forward: str
+    attention: str
+    reason: str | None = None
+
+
 class DecodeStep(nn.Module):
-    """One decode step of a causal LM over a transformers StaticCache.  See the module docstring."""
+    """One decode step of a causal LM over a static KV cache.  See the module docstring."""
 
     def __init__(self, model: nn.Module, *, max_batch_size: int = 1, max_cache_len: int = 2048,
                  k: int = 64, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, forward: str = "auto",
+                 kernels: str = "torch") -> None:
         super().__init__()
         if max_batch_size < 1 or max_cache_len < 2 or k < 1:
             raise ValueError(f"need max_batch_size >= 1, max_cache_len >= 2 and k >= 1, got "
                              f"{max_batch_size}, {max_cache_len}, {k}")
+        if forward not in FORWARDS:
+            raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
         _output_embeddings(model)  # a clear ValueError for models without an LM head
         body = getattr(model, "base_model", None)
         if body is None or body is model:
@@ -100,25 +128,61 @@ class DecodeStep(nn.Module):
         device = torch.device(device) if device is not None else weight.device
         self.model = model
         self.max_batch_size, self.max_cache_len, self.k = max_batch_size, max_cache_len, k
-        self._cache_kw = _cache_argument_name(body)
-
-        cache = StaticCache(config=config, max_cache_len=max_cache_len)
-        if any(cache.is_sliding) or any(getattr(cache, "is_linear", [])):
-            raise ValueError("DecodeStep supports full-attention layers only (this model has "
-                             "sliding-window or linear-attention layers)")
+        self.fast: FastDecoder | None = None
+        reason = None
+        if forward != "hf":
+            try:
+                self.fast = FastDecoder(model, dtype=dtype, device=device, kernels=kernels)
+            except UnsupportedArchitecture as e:
+                if forward == "fast":
+                    raise
+                reason = str(e)
+                log.warning("DecodeStep: %s", e)
+        else:
+            reason = "forward='hf' was asked for"
         heads = config.num_key_value_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        cache.early_initialization(max_batch_size, heads, head_dim, dtype, device)
+        if self.fast is not None:
+            self._init_fast_state(len(self.fast.layers), heads, head_dim, dtype, device)
+            self.info = StepInfo("fast", "flashhead::decode_attention")
+        else:
+            self._init_hf_state(config, heads, head_dim, dtype, device, reason)
+            self.info = StepInfo("hf", str(model.config._attn_implementation), reason)
+
+    def _init_fast_state(self, layers: int, heads: int, head_dim: int, dtype: torch.dtype,
+                         device: torch.device) -> None:
+        B, L = self.max_batch_size, self.max_cache_len
+        for i in range(layers):    # kv{i}_k / kv{i}_v: [B, Hkv, L, Dh]
+            self.register_buffer(f"kv{i}_k", torch.zeros(B, heads, L, head_dim, dtype=dtype,
+                                                         device=device), persistent=False)
+            self.register_buffer(f"kv{i}_v", torch.zeros(B, heads, L, head_dim, dtype=dtype,
+                                                         device=device), persistent=False)
+        self.register_buffer("fill", torch.zeros(1, dtype=torch.int64, device=device),
+                             persistent=False)                                      # [1]
+        self.register_buffer("starts", torch.zeros(B, dtype=torch.int64, device=device),
+                             persistent=False)                                      # [B]
+        for name, buf in self.named_buffers(recurse=False):
+            torch._dynamo.mark_static_address(buf)
+
+    def _init_hf_state(self, config, heads: int, head_dim: int, dtype: torch.dtype,
+                       device: torch.device, reason: str | None) -> None:
+        self._cache_kw = _cache_argument_name(self.model.base_model)
+        cache = StaticCache(config=config, max_cache_len=self.max_cache_len)
+        if any(cache.is_sliding) or any(getattr(cache, "is_linear", [])):
+            raise ValueError(f"transformers' forward in DecodeStep supports full-attention layers "
+                             f"only, and this model has sliding-window or linear-attention layers "
+                             f"(fast forward not used: {reason})")
+        cache.early_initialization(self.max_batch_size, heads, head_dim, dtype, device)
         self.cache = cache
         for i, layer in enumerate(cache.layers):
             self.register_buffer(f"kv{i}_k", layer.keys, persistent=False)
             self.register_buffer(f"kv{i}_v", layer.values, persistent=False)
             self.register_buffer(f"kv{i}_len", layer.cumulative_length, persistent=False)
         # attn_mask: [B, L] int64; positions: [B] int64
-        self.register_buffer("attn_mask", torch.zeros(max_batch_size, max_cache_len,
+        self.register_buffer("attn_mask", torch.zeros(self.max_batch_size, self.max_cache_len,
                                                       dtype=torch.int64, device=device),
                              persistent=False)
-        self.register_buffer("positions", torch.zeros(max_batch_size, dtype=torch.int64,
+        self.register_buffer("positions", torch.zeros(self.max_batch_size, dtype=torch.int64,
                                                       device=device), persistent=False)
         torch._dynamo.mark_static_address(self.attn_mask)
         torch._dynamo.mark_static_address(self.positions)
@@ -133,24 +197,43 @@ class DecodeStep(nn.Module):
         return self.model.get_output_embeddings()
 
     @property
+    def device(self) -> torch.device:
+        return self.kv0_k.device
+
+    @property
     def path(self) -> str:
         """'flashhead' or 'dense' for a decode step of max_batch_size rows."""
         return head_path(self.head, self.max_batch_size)
 
+    @property
+    def num_layers(self) -> int:
+        return sum(1 for n, _ in self.named_buffers(recurse=False) if n.endswith("_k"))
+
+    def caches(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The per-layer K and V caches [B, H_kv, L, Dh] (the current buffers, read at call time so
+        export.modules can rebind them)."""
+        n = self.num_layers
+        return ([getattr(self, f"kv{i}_k") for i in range(n)],
+                [getattr(self, f"kv{i}_v") for i in range(n)])
+
     def filled(self) -> torch.Tensor:
-        """Slots of the cache already written: [] int64 on the cache's device."""
-        return self.cache.layers[0].cumulative_length
+        """Slots of the cache already written: one int64 element on the cache's device."""
+        return self.fill if self.fast is not None else self.cache.layers[0].cumulative_length
 
     @torch.no_grad()
     def reset(self) -> None:
         """Empty the cache (in place: addresses stay fixed for compiled graphs)."""
+        if self.fast is not None:
+            self.fill.zero_()
+            self.starts.zero_()
+            return
         for layer in self.cache.layers:
             layer.cumulative_length.zero_()
         self.attn_mask.zero_()
         self.positions.zero_()
 
     # -- compute ----------------------------------------------------------------------------------
-    def _body(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def _hf_body(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         out = self.body(input_ids=input_ids, attention_mask=self.attn_mask,
                         position_ids=position_ids, use_cache=True, **{self._cache_kw: self.cache})
         return out.last_hidden_state                                     # [B, T, D]
@@ -160,26 +243,27 @@ class DecodeStep(nn.Module):
             raise ValueError(f"input_ids must be [{self.max_batch_size}, T] (the cache's batch), "
                              f"got {tuple(input_ids.shape)}; pad the batch with copies of a row")
 
-    def hidden(self, input_ids: torch.Tensor,
-               cache_position: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, 1] int64 -> last hidden state [B, D]; appends one slot to the cache."""
         self._check_rows(input_ids)
-        slot = self.filled().view(1) if cache_position is None else cache_position  # [1]
+        if self.fast is not None:
+            self.fill.add_(1)
+            kv_k, kv_v = self.caches()
+            return self.fast.decode(self.fast.embed(input_ids[:, 0]), kv_k, kv_v, self.starts,
+                                    self.fill)
+        slot = self.filled().view(1)                                     # [1]
         self.attn_mask.index_fill_(1, slot, 1)
-        h = self._body(input_ids, self.positions.unsqueeze(1))[:, -1].contiguous()  # [B, D]
+        h = self._hf_body(input_ids, self.positions.unsqueeze(1))[:, -1].contiguous()  # [B, D]
         self.positions.add_(1)
         return h
 
-    def forward(self, input_ids: torch.Tensor,
-                cache_position: torch.Tensor | None = None) -> FlashHeadTopK:
+    def forward(self, input_ids: torch.Tensor) -> FlashHeadTopK:
         """input_ids [B, 1] int64 -> FlashHeadTopK(ids [B, k], logits [B, k] fp32)."""
-        return head_topk(self.head, self.hidden(input_ids, cache_position), self.k)
+        return head_topk(self.head, self.hidden(input_ids), self.k)
 
-    def next_tokens(self, input_ids: torch.Tensor, sampling: SamplingConfig,
-                    cache_position: torch.Tensor | None = None) -> torch.Tensor:
+    def next_tokens(self, input_ids: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
         """input_ids [B, 1] int64 -> next token ids [B] int64 (greedy or sampled)."""
-        return head_next_tokens(self.head, self.hidden(input_ids, cache_position), sampling,
-                                self.k)
+        return head_next_tokens(self.head, self.hidden(input_ids), sampling, self.k)
 
     @torch.no_grad()
     def prefill_hidden(self, input_ids: torch.Tensor,
@@ -191,13 +275,22 @@ class DecodeStep(nn.Module):
         if T >= self.max_cache_len:
             raise ValueError(f"prompt of {T} tokens leaves no room in a cache of "
                              f"max_cache_len={self.max_cache_len}")
+        device = self.device
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        mask = attention_mask.to(device=self.attn_mask.device, dtype=torch.int64)
+        mask = attention_mask.to(device=device, dtype=torch.int64)
+        input_ids = input_ids.to(device)
         self.reset()
-        self.attn_mask[:, :T] = mask
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)                # [B, T]
-        h = self._body(input_ids.to(self.attn_mask.device), position_ids)[:, -1].contiguous()
+        if self.fast is not None:
+            self.starts.copy_(T - mask.sum(-1))
+            kv_k, kv_v = self.caches()
+            h = self.fast.forward_torch(self.fast.embed(input_ids), kv_k, kv_v, self.fill,
+                                        position_ids, self.starts, key_len=T)
+            self.fill.fill_(T)
+            return h[:, -1].contiguous()
+        self.attn_mask[:, :T] = mask
+        h = self._hf_body(input_ids, position_ids)[:, -1].contiguous()
         self.positions.copy_(mask.sum(-1))
         # Pad slots hold whatever attention made of fully masked rows; zero them so no kernel can
         # turn a masked NaN into a real one later (0 * NaN is NaN).
@@ -215,4 +308,4 @@ class DecodeStep(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"max_batch_size={self.max_batch_size}, max_cache_len={self.max_cache_len}, "
-                f"k={self.k}, layers={len(self.cache.layers)}, path={self.path}")
+                f"k={self.k}, layers={self.num_layers}, path={self.path}, {self.info}")

@@ -119,7 +119,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     pad = _pad_id(model, pad_token_id, eos)
     if seed is not None:
         torch.manual_seed(seed)
-    device = step.attn_mask.device
+    device = step.device
     # Fill the cache's fixed batch with copies of the last row (their tokens are dropped).
     rows = torch.arange(step.max_batch_size).clamp(max=B - 1)
     ids = input_ids.to(device)[rows.to(device)]

@@ -56,4 +56,4 @@ def test_aoti_cpu_package_reproduces_eager_tokens(tiny_checkpoint, tmp_path):
                      "way without onnxruntime imported, also for a one-Linear package)")
     assert done.returncode == 0, done.stderr[-2000:]
     assert torch.equal(torch.load(tmp_path / "ids.pt"), expected)
-    assert MAX_SEQ_LEN == state["attn_mask"].shape[1]
+    assert MAX_SEQ_LEN == state["kv0_k"].shape[2]
