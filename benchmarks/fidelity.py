@@ -49,6 +49,7 @@ class FidelityConfig:
     centroid_modes: tuple[str, ...] | None = None
     cluster_size: int = 16
     dtype: str = "bfloat16"                    # model dtype for the hidden states
+    prompt_format: str = "chat"                # "plain" for base models without a chat template
     max_len: int = 1024
     seed: int = 0
     data_dir: str = "/work/shared/data"
@@ -82,6 +83,9 @@ class FidelityConfig:
                     or int(parts[0]) < 1 or parts[2:] not in ([], ["euclidean"], ["cosine"])):
                 raise ValueError(f"--clusterings entries are ITERS:REFINE[:euclidean|cosine] "
                                  f"(e.g. 12:3), got {c!r}")
+        if self.prompt_format not in fd.PROMPT_FORMATS:
+            raise ValueError(f"--prompt-format must be one of {fd.PROMPT_FORMATS}, got "
+                             f"{self.prompt_format!r}")
         if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
             raise ValueError(f"--dtype must name a torch dtype (bfloat16, float32), got {self.dtype}")
 
@@ -93,7 +97,7 @@ def hidden_sets(cfg: FidelityConfig, head_fp: str) -> dict[str, fd.HiddenSet]:
     for name in cfg.datasets:
         meta = {"model": cfg.model, "head": head_fp, "dataset": name, "positions": cfg.tokens,
                 "max_len": cfg.max_len, "seed": cfg.seed, "dtype": cfg.dtype,
-                "per_item": cfg.per_item, "version": 2}
+                "per_item": cfg.per_item, "prompt_format": cfg.prompt_format, "version": 3}
         path = Path(cfg.cache_dir) / f"hidden-{name}-{fd.cache_key(meta)}.safetensors"
         hs = fd.load_hidden(path, meta)
         if hs is None:
@@ -104,7 +108,8 @@ def hidden_sets(cfg: FidelityConfig, head_fp: str) -> dict[str, fd.HiddenSet]:
                 print(f"loaded {cfg.model} in {time.perf_counter() - t0:.0f} s")
             t0 = time.perf_counter()
             hs = fd.collect_hidden(model, tok, name, Path(cfg.data_dir), cfg.tokens,
-                                   cfg.max_len, cfg.seed, per_item=cfg.per_item)
+                                   cfg.max_len, cfg.seed, per_item=cfg.per_item,
+                                   prompt_format=cfg.prompt_format)
             fd.save_hidden(path, hs, meta)
             print(f"{name}: {hs.h.shape[0]} positions from {int(hs.item.max()) + 1} items in "
                   f"{time.perf_counter() - t0:.0f} s -> {path}")
@@ -185,7 +190,8 @@ def run(cfg: FidelityConfig) -> dict:
                           "centroid_mode": mode,
                           "probes_for_agreement_0.99": probes_for_agreement(st, 0.99),
                           "dense_next_token_accuracy": float(hit)}
-                rows += [{**common, **r} for r in summarize(st, V, cfg.cluster_size)]
+                always = hs.always_ids if hs.always_ids.numel() else None
+                rows += [{**common, **r} for r in summarize(st, V, cfg.cluster_size, always)]
                 if subset == "all":
                     curves.append((name, label, mode, st))
     return {"model": cfg.model, "head_fingerprint": fp, "vocab_size": V,
@@ -222,6 +228,17 @@ def print_tables(result: dict) -> None:
         p99 = next(iter(by_p.values()))["probes_for_agreement_0.99"]
         print(f"{ds:<10}{cl:<12}{mode:<11}" + "".join(f"{by_p[p]['top1_agreement']:>8.4f}" for p in probes)
               + f"{p99:>6}")
+    if not any("eos_positions" in r for r in rows):
+        return
+    print("\nend-of-turn/eos recall: positions whose dense argmax is an always-scored id (n), "
+          "FlashHead top-1 agreement there without / with always-scored ids")
+    print(f"{'dataset':<10}{'clustering':<12}{'centroids':<11}{'n':>5}"
+          + "".join(f"{'P=' + str(p):>13}" for p in probes))
+    for (ds, cl, mode), by_p in seen.items():
+        n = next(iter(by_p.values())).get("eos_positions", 0)
+        cells = "".join(f"{by_p[p]['eos_top1_recall']:>6.3f} /{by_p[p]['eos_top1_recall_always']:>5.3f}"
+                        if n else f"{'-':>13}" for p in probes)
+        print(f"{ds:<10}{cl:<12}{mode:<11}{n:>5}" + cells)
 
 
 def plot(result: dict, png: Path, max_probes: int) -> None:
@@ -275,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"from the clustering) or stored (the centroids in --assets); default: "
                         f"stored with --assets, else all recomputed modes")
     p.add_argument("--dtype", default="bfloat16", help="model dtype for the hidden states")
+    p.add_argument("--prompt-format", choices=fd.PROMPT_FORMATS, default="chat",
+                   help="chat: the tokenizer's chat template; plain: user text, blank line, answer "
+                        "(base models without a chat template)")
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default="/work/shared/data")
@@ -286,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                          per_item=a.per_item or None,
                          datasets=tuple(a.datasets), clusterings=tuple(a.clusterings),
                          centroid_modes=tuple(a.centroid_modes) if a.centroid_modes else None,
-                         dtype=a.dtype, max_len=a.max_len,
+                         dtype=a.dtype, prompt_format=a.prompt_format, max_len=a.max_len,
                          seed=a.seed, data_dir=a.data_dir, cache_dir=a.cache_dir, out=a.out,
                          threads=a.threads)
     result = run(cfg)

@@ -1,11 +1,16 @@
 """Real text for the fidelity benchmark, and the LM head's inputs on it (teacher forced, cached).
 
-Conversations, rendered with the tokenizer's chat template:
+Conversations (prompt_format "chat": rendered with the tokenizer's chat template, so an assistant
+answer ends with the template's end-of-turn token, e.g. <|im_end|>):
   gsm8k     user: question; assistant: the reference answer (with its <<calc>> marks and "#### N").
   ifeval    user: prompt, then the generation prompt; no assistant text.
   mmlu_pro  user: question and lettered options; assistant: "The answer is (X) <option text>".
+prompt_format "plain" (base models without a chat template, e.g. Gemma-3-270M): the user text, a
+blank line, then the assistant text, tokenized with the tokenizer's own special tokens (BOS).
 Every position whose next token lies after the template's shared prefix (the default system
 prompt, identical in every item) is kept; `is_answer` marks positions predicting assistant text.
+With a per-item cap, positions predicting an end-of-turn / eos id are always kept (they are few,
+and the eos recall metric needs them), the rest of the cap is a seeded random subset.
 """
 
 from __future__ import annotations
@@ -13,13 +18,17 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
 DATASETS = ("gsm8k", "ifeval", "mmlu_pro")
+PROMPT_FORMATS = ("chat", "plain")
+# End-of-turn tokens of common chat vocabularies (those present in a tokenizer are always-scored).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>", "<|end|>",
+                      "<|eom_id|>")
 _FILES = {"gsm8k": "gsm8k/test.jsonl", "ifeval": "ifeval/input_data.jsonl",
           "mmlu_pro": "mmlu_pro/test.jsonl"}
 
@@ -48,8 +57,35 @@ def conversations(name: str, data_dir: Path, seed: int = 0) -> Iterator[list[dic
                    {"role": "assistant", "content": answer}]
 
 
-def encode(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], int]:
-    """(token ids of the templated conversation, index of its first assistant-content token)."""
+def end_of_turn_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Sorted ids FlashHead scores at every step: the eos ids of the model's generation config and
+    config, the tokenizer's eos id, and the END_OF_TURN_TOKENS present in its vocabulary."""
+    ids: set[int] = set()
+    for cfg in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        eos = getattr(cfg, "eos_token_id", None)
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+    V = model.get_output_embeddings().weight.shape[0]
+    return sorted(i for i in ids if 0 <= i < V)
+
+
+def encode(tokenizer: Any, messages: list[dict[str, str]], prompt_format: str = "chat"
+           ) -> tuple[list[int], int]:
+    """(token ids of the conversation, index of its first assistant-content token)."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+    if prompt_format == "plain":
+        prompt = tokenizer(messages[0]["content"] + "\n\n").input_ids
+        if messages[-1]["role"] != "assistant":
+            return prompt, len(prompt)
+        ids = tokenizer(messages[0]["content"] + "\n\n" + messages[-1]["content"]).input_ids
+        if ids[:len(prompt)] != prompt:
+            raise ValueError("the tokenizer splits the prompt differently with an answer appended")
+        return ids, len(prompt)
+
     def render(msgs: list[dict[str, str]], gen: bool) -> list[int]:
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
         return tokenizer(text, add_special_tokens=False).input_ids
@@ -66,12 +102,14 @@ def encode(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], i
 @dataclass
 class HiddenSet:
     """LM-head inputs of one data set: h [N, D] (model dtype), next_ids [N] int64 (the token each
-    position predicts), is_answer [N] bool, item [N] int64 (which conversation)."""
+    position predicts), is_answer [N] bool, item [N] int64 (which conversation), always_ids [A]
+    int64 (the model's end-of-turn / eos ids, end_of_turn_ids; empty when unknown)."""
 
     h: torch.Tensor
     next_ids: torch.Tensor
     is_answer: torch.Tensor
     item: torch.Tensor
+    always_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
 
     def __post_init__(self) -> None:
         N = self.h.shape[0]
@@ -82,18 +120,20 @@ class HiddenSet:
 
 def collect_hidden(model: Any, tokenizer: Any, name: str, data_dir: Path, positions: int,
                    max_len: int = 1024, seed: int = 0, prefix_probe: int = 8,
-                   per_item: int | None = None) -> HiddenSet:
+                   per_item: int | None = None, prompt_format: str = "chat") -> HiddenSet:
     """Teacher-forced final hidden states (after the final norm: the LM head's input).
 
     per_item caps the positions kept per conversation (a seeded random subset), so that a fixed
     budget covers more conversations: positions of one text are strongly correlated (one rare
-    token repeated through one item can decide a tail metric).
+    token repeated through one item can decide a tail metric).  Positions predicting one of
+    end_of_turn_ids(model, tokenizer) are kept first, then the cap is filled at random.
 
     Runs the decoder (`model.base_model`) one conversation at a time, so there is no padding;
     its last_hidden_state is exactly what lm_head receives (tests check lm_head(h) == logits).
     """
     convs = conversations(name, data_dir, seed)
-    first = [encode(tokenizer, next(convs)) for _ in range(prefix_probe)]
+    always = end_of_turn_ids(model, tokenizer)
+    first = [encode(tokenizer, next(convs), prompt_format) for _ in range(prefix_probe)]
     skip = _common_prefix([ids for ids, _ in first])
     todo = iter(first)
     hs, nxt, ans, item = [], [], [], []
@@ -104,15 +144,16 @@ def collect_hidden(model: Any, tokenizer: Any, name: str, data_dir: Path, positi
         enc = next(todo, None)
         if enc is None:
             try:
-                enc = encode(tokenizer, next(convs))
+                enc = encode(tokenizer, next(convs), prompt_format)
             except StopIteration:
                 break
         ids, answer_start = enc
         ids = ids[:max_len]
         keep = torch.arange(max(skip - 1, 0), len(ids) - 1)            # keep[j] predicts ids[j + 1]
         if per_item is not None and keep.numel() > per_item:
-            pick = torch.randperm(keep.numel(), generator=gen)[:per_item].sort().values
-            keep = keep[pick]
+            forced = torch.isin(torch.tensor(ids)[keep + 1], torch.tensor(always, dtype=torch.long))
+            score = torch.rand(keep.numel(), generator=gen) - forced.float()  # forced ones first
+            keep = keep[score.argsort()[:per_item].sort().values]
         keep = keep[: positions - n]
         if keep.numel():
             with torch.inference_mode():
@@ -125,7 +166,8 @@ def collect_hidden(model: Any, tokenizer: Any, name: str, data_dir: Path, positi
         i += 1
     if not hs:
         raise ValueError(f"no positions collected from {name}")
-    return HiddenSet(torch.cat(hs), torch.cat(nxt), torch.cat(ans), torch.cat(item))
+    return HiddenSet(torch.cat(hs), torch.cat(nxt), torch.cat(ans), torch.cat(item),
+                     torch.tensor(always, dtype=torch.int64))
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:
@@ -146,7 +188,7 @@ def save_hidden(path: Path, hs: HiddenSet, meta: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({"h": hs.h.contiguous(), "next_ids": hs.next_ids, "is_answer": hs.is_answer,
-               "item": hs.item}, str(tmp), metadata={"fidelity": json.dumps(meta, sort_keys=True)})
+               "item": hs.item, "always_ids": hs.always_ids}, str(tmp), metadata={"fidelity": json.dumps(meta, sort_keys=True)})
     tmp.replace(path)
 
 
@@ -159,4 +201,5 @@ def load_hidden(path: Path, meta: dict[str, Any]) -> HiddenSet | None:
     with safe_open(str(path), "pt") as f:
         if json.loads((f.metadata() or {}).get("fidelity", "{}")) != meta:
             return None
-        return HiddenSet(*(f.get_tensor(k) for k in ("h", "next_ids", "is_answer", "item")))
+        return HiddenSet(*(f.get_tensor(k) for k in ("h", "next_ids", "is_answer", "item",
+                                                     "always_ids")))

@@ -9,6 +9,12 @@ P clusters exactly, so its candidate logits equal the dense ones):
   top-k recall      |dense top-k ids  ∩  FlashHead top-k ids| / k, averaged over positions.  With
                     exact candidate logits a dense top-k id is in FlashHead's top-k iff it lies in a
                     probed cluster, so this is the fraction of the dense top-k ids that are probed.
+  eos recall        over the positions whose dense argmax is an end-of-turn / eos id (the op's
+                    always-scored ids), the fraction where FlashHead's top-1 agrees: without
+                    always-scored ids (the argmax's cluster is probed) and with them (candidates =
+                    probed clusters' tokens UNION always ids; exact logits, so an always id that is
+                    the dense argmax is always FlashHead's top-1).  top1_agreement_always is the
+                    top-1 agreement over all positions with always ids.
   TV at temperature T
                     total-variation distance between the dense softmax p = softmax(z / T) and
                     FlashHead's sampling distribution q = softmax over the candidate set only
@@ -135,10 +141,14 @@ def _at_probes(table: torch.Tensor, probes: tuple[int, ...], K: int, before: boo
     return torch.stack(cols, dim=1)
 
 
-def summarize(stats: PositionStats, vocab_size: int, cluster_size: int) -> list[dict]:
-    """One row of metrics per probe count (means over positions; p99 of TV as a tail)."""
+def summarize(stats: PositionStats, vocab_size: int, cluster_size: int,
+              always_ids: torch.Tensor | None = None) -> list[dict]:
+    """One row of metrics per probe count (means over positions; p99 of TV as a tail).  With
+    always_ids [A] int64 the rows add the eos recall and top1_agreement_always (see above)."""
     rows = []
     r = stats.topk_rank
+    is_eos = (torch.isin(stats.dense_top1, always_ids) if always_ids is not None
+              else torch.zeros_like(stats.dense_top1, dtype=torch.bool))           # [N]
     for j, P in enumerate(stats.probes):
         hit = (r < P).float()                                           # [N, TOPK]
         row = {"probes": P, "positions": int(r.shape[0]),
@@ -147,6 +157,14 @@ def summarize(stats: PositionStats, vocab_size: int, cluster_size: int) -> list[
                "top1_agreement": float(hit[:, 0].mean()),
                "top5_recall": float(hit[:, :5].mean()),
                "top10_recall": float(hit[:, :10].mean())}
+        if always_ids is not None:
+            with_always = hit[:, 0].bool() | is_eos        # the argmax is a candidate either way
+            row["top1_agreement_always"] = float(with_always.float().mean())
+            row["eos_positions"] = int(is_eos.sum())
+            row["eos_top1_recall"] = (float(hit[is_eos, 0].mean()) if bool(is_eos.any())
+                                      else float("nan"))
+            row["eos_top1_recall_always"] = (float(with_always[is_eos].float().mean())
+                                             if bool(is_eos.any()) else float("nan"))
         for T, tail in stats.tail_mass.items():
             tv = tail[:, j].clamp(min=0)
             row[f"tv_t{T:g}"] = float(tv.mean())

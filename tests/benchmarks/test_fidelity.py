@@ -152,3 +152,63 @@ def test_given_assets_are_scored_with_their_stored_centroids(tiny_hf_untied, tmp
     with pytest.raises(ValueError, match="'stored' scores the centroids saved in --assets"):
         fidelity.main(common + ["--centroid-modes", "stored", "--out", str(out)])
     capsys.readouterr()
+
+
+def test_eos_recall_with_and_without_always_ids(head_and_h):
+    """eos recall == brute force: FlashHead's top-1 (reference op) at the positions whose dense
+    argmax is an always id, and the argmax over probed tokens UNION always ids."""
+    W, h, assets = head_and_h
+    dense = h.float() @ W.float().t()                                   # [N, V]
+    top1 = dense.argmax(1)
+    always = top1.unique()[:4]                                          # ids that do win somewhere
+    probes = (1, 2)
+    (st,) = position_stats(h, W, [HeadClusters.from_assets(assets)], probes, TEMPS)
+    rows = summarize(st, W.shape[0], 16, always)
+    is_eos = torch.isin(top1, always)
+    for P, row in zip(probes, rows):
+        ids, _ = flashhead_reference(h, assets.centroids, assets.weight, assets.offsets,
+                                     assets.token_ids, P, 16, k=1)
+        assert row["eos_positions"] == int(is_eos.sum()) > 0
+        assert row["eos_top1_recall"] == pytest.approx(float((ids[is_eos, 0] == top1[is_eos]).float().mean()))
+        sel = (h.float() @ assets.centroids.float().t()).topk(P, dim=1).indices
+        cand = torch.zeros_like(dense, dtype=torch.bool)
+        cand[:, always] = True
+        for n in range(h.shape[0]):
+            for k in sel[n].tolist():
+                cand[n, assets.token_ids[assets.offsets[k]:assets.offsets[k + 1]]] = True
+        fh_top1 = dense.masked_fill(~cand, float("-inf")).argmax(1)
+        agree = fh_top1 == top1
+        assert row["eos_top1_recall_always"] == pytest.approx(float(agree[is_eos].float().mean()))
+        assert row["top1_agreement_always"] == pytest.approx(float(agree.float().mean()))
+        assert row["top1_agreement_always"] >= row["top1_agreement"]
+    assert rows[0]["eos_top1_recall"] < 1.0 and rows[0]["eos_top1_recall_always"] == 1.0
+    assert "eos_positions" not in summarize(st, W.shape[0], 16)[0]
+
+
+def test_end_of_turn_positions_are_kept_under_the_cap(tiny_hf_untied, tmp_path):
+    _write_data(tmp_path)
+    model, tok = load_model(tiny_hf_untied, dtype=torch.float32)
+    always = fidelity_data.end_of_turn_ids(model, tok)
+    assert tok.convert_tokens_to_ids("<|im_end|>") in always
+    hs = fidelity_data.collect_hidden(model, tok, "gsm8k", tmp_path, positions=60, per_item=4)
+    assert hs.always_ids.tolist() == always
+    convs = fidelity_data.conversations("gsm8k", tmp_path)
+    for i in range(int(hs.item.max())):                                 # the last item may be cut
+        ids, _ = fidelity_data.encode(tok, next(convs))
+        n_eot = sum(t in always for t in ids[-60:])                     # after the shared prefix
+        kept = hs.next_ids[hs.item == i]
+        assert int(torch.isin(kept, hs.always_ids).sum()) == min(n_eot, 4) > 0
+
+
+def test_plain_prompt_format(tiny_hf_untied, tmp_path):
+    _write_data(tmp_path)
+    model, tok = load_model(tiny_hf_untied, dtype=torch.float32)
+    msgs = next(fidelity_data.conversations("mmlu_pro", tmp_path))
+    ids, start = fidelity_data.encode(tok, msgs, "plain")
+    assert tok.decode(ids) == msgs[0]["content"] + "\n\n" + msgs[1]["content"]
+    assert tok.decode(ids[start:]) == msgs[1]["content"]
+    hs = fidelity_data.collect_hidden(model, tok, "mmlu_pro", tmp_path, positions=200,
+                                      prompt_format="plain")
+    assert hs.h.shape[0] == 200 and bool(hs.is_answer.any()) and not bool(hs.is_answer.all())
+    with pytest.raises(ValueError, match="prompt_format"):
+        fidelity_data.encode(tok, msgs, "raw")
