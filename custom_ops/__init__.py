@@ -30,20 +30,29 @@ class FlashHeadTopK(NamedTuple):
 def flashhead_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
                    offsets: torch.Tensor, token_ids: torch.Tensor, *, probes: int,
                    cluster_size: int, k: int = 1,
-                   centroid_noise: Optional[torch.Tensor] = None) -> FlashHeadTopK:
-    """Approximate LM head: the k best tokens among the `probes` best clusters, exactly scored.
+                   centroid_noise: Optional[torch.Tensor] = None,
+                   always_ids: Optional[torch.Tensor] = None,
+                   always_rows: Optional[torch.Tensor] = None) -> FlashHeadTopK:
+    """Approximate LM head: the k best tokens among the `probes` best clusters (and the
+    always-scored tokens), exactly scored.
 
     h [B, D] bf16/fp16/fp32; centroids [K, D]; weight [V, D] (rows reordered by cluster);
     offsets [K + 1] int64 (CSR: cluster c owns rows offsets[c]:offsets[c + 1]); token_ids [V]
     int64 (vocabulary id of each row); centroid_noise [B, K] or None (added to centroid scores:
-    Gumbel noise gives stochastic probing).  All on one device, contiguous.
+    Gumbel noise gives stochastic probing); always_ids [A] int64 vocabulary ids scored at every
+    step whatever the probes (end-of-turn / eos tokens; A <= 256; None or empty: none);
+    always_rows [A] int64 their rows in `weight` (token_ids[always_rows] == always_ids), or None
+    to look them up in every call (O(V); FlashHeadLMHead passes both, so the always ids cost
+    O(A * D) bytes).  All on one device, contiguous.
 
     Returns FlashHeadTopK(ids [B, k] int64, logits [B, k] fp32), best first, equal logits by
-    smallest id.  With probes == K, ids[:, 0] is the dense head's argmax.
-    Raises FlashHeadInputError on bad dtypes, devices, shapes, probes or k.
+    smallest id; every id at most once (an always id in a probed cluster is scored once).  With
+    probes == K, ids[:, 0] is the dense head's argmax.
+    Raises FlashHeadInputError on bad dtypes, devices, shapes, probes, k or always ids.
     """
     ids, logits = torch.ops.flashhead.topk(h, centroids, weight, offsets, token_ids, probes,
-                                           cluster_size, k, centroid_noise)
+                                           cluster_size, k, centroid_noise, always_ids,
+                                           always_rows)
     return FlashHeadTopK(ids, logits)
 
 

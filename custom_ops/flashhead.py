@@ -13,10 +13,15 @@ from typing import Optional
 
 import torch
 from torch.library import triton_op
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+from torch.utils.weak import WeakIdKeyDictionary
 
-from custom_ops.reference import flashhead_reference
+from custom_ops.reference import always_rows_of, flashhead_reference
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Most always-scored tokens per call: each union program of the Triton kernel compares its rows
+# with all of them (end-of-turn/eos lists hold 1-10 ids).
+MAX_ALWAYS = 256
 
 
 class FlashHeadInputError(ValueError):
@@ -25,8 +30,11 @@ class FlashHeadInputError(ValueError):
 
 def check_inputs(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
                  offsets: torch.Tensor, token_ids: torch.Tensor, probes: int, cluster_size: int,
-                 k: int, centroid_noise: Optional[torch.Tensor] = None) -> None:
-    """Raise FlashHeadInputError for anything the kernels cannot take.  Static checks only."""
+                 k: int, centroid_noise: Optional[torch.Tensor] = None,
+                 always_ids: Optional[torch.Tensor] = None,
+                 always_rows: Optional[torch.Tensor] = None) -> None:
+    """Raise FlashHeadInputError for anything the kernels cannot take.  Static checks only
+    (shapes, dtypes, devices); `check_always_values` reads the always ids' values."""
     def fail(msg: str) -> None:
         raise FlashHeadInputError(msg)
 
@@ -54,6 +62,24 @@ def check_inputs(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
         devices.add(centroid_noise.device)
         if centroid_noise.shape != (B, K):
             fail(f"centroid_noise must be [B, K] = [{B}, {K}], got {tuple(centroid_noise.shape)}")
+    if always_rows is not None and always_ids is None:
+        fail("always_rows needs always_ids (the vocabulary ids they hold); pass both, or "
+             "always_ids alone")
+    for name, t in (("always_ids", always_ids), ("always_rows", always_rows)):
+        if t is None:
+            continue
+        devices.add(t.device)
+        if t.dim() != 1 or t.dtype != torch.int64:
+            fail(f"{name} must be a 1-D int64 tensor [A], got {t.dtype} {tuple(t.shape)}; e.g. "
+                 f"torch.tensor(fh_compile.always_scored_ids(model, tokenizer))")
+        if t.shape[0] > MAX_ALWAYS:
+            fail(f"{name} holds {t.shape[0]} ids, at most {MAX_ALWAYS} are supported (each is "
+                 f"scored at every step); keep the end-of-turn / eos tokens only")
+        if not t.is_contiguous():
+            fail(f"{name} must be contiguous; call .contiguous() on it")
+    if always_rows is not None and always_rows.shape != always_ids.shape:
+        fail(f"always_rows must match always_ids (one row per id), got {tuple(always_rows.shape)} "
+             f"and {tuple(always_ids.shape)}")
     if len(devices) != 1:
         fail(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}; move the "
              f"assets with FlashHeadAssets.to(device)")
@@ -70,20 +96,79 @@ def check_inputs(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
             fail(f"{name} must be contiguous; call .contiguous() on it")
 
 
+# CUDA always-id tensors whose values were checked, with the versions then seen: a tensor passed
+# at every step (FlashHeadLMHead's buffers) is read back once, not once per call.
+_ALWAYS_CHECKED = WeakIdKeyDictionary()
+
+
+def _values_readable(t: torch.Tensor) -> bool:
+    """Whether reading t's values now is possible and cheap: a real tensor (not traced by
+    torch.compile / torch.export / make_fx), not inside CUDA-graph capture, and on CUDA not
+    already checked at this version."""
+    if (type(t) is not torch.Tensor or torch.compiler.is_compiling()
+            or _get_current_dispatch_mode_stack()):
+        return False
+    if t.is_cuda:
+        return not torch.cuda.is_current_stream_capturing()
+    return True
+
+
+def check_always_values(always_ids: torch.Tensor, always_rows: Optional[torch.Tensor],
+                        token_ids: torch.Tensor) -> None:
+    """Raise FlashHeadInputError unless every always id is a vocabulary id in [0, V) and
+    always_rows (when given) are their rows: token_ids[always_rows] == always_ids.
+
+    Data-dependent, so it runs only where the values can be read: every call on CPU (O(A)); on
+    CUDA once per tensor and version (one host sync), never while tracing or capturing a CUDA
+    graph (compiled and exported programs rely on the eager or construction-time check).
+    """
+    tensors = [t for t in (always_ids, always_rows, token_ids) if t is not None]
+    if not all(_values_readable(t) for t in tensors):
+        return
+    key = tuple(t._version for t in tensors) + (token_ids.data_ptr(),)
+    if always_ids.is_cuda and _ALWAYS_CHECKED.get(always_ids) == key:
+        return
+    V = token_ids.shape[0]
+    bad = always_ids[(always_ids < 0) | (always_ids >= V)]
+    if bad.numel():
+        raise FlashHeadInputError(f"always_ids must be vocabulary ids in [0, V={V}), got "
+                                  f"{bad.tolist()[:8]}; build the list with "
+                                  f"fh_compile.always_scored_ids(model, tokenizer)")
+    if always_rows is not None:
+        in_range = (always_rows >= 0) & (always_rows < V)
+        ok = in_range & (token_ids[always_rows.clamp(0, V - 1)] == always_ids)
+        if not bool(ok.all()):
+            raise FlashHeadInputError(
+                "always_rows must be the rows of always_ids in the reordered weight "
+                "(token_ids[always_rows] == always_ids); pass always_rows=None to have them "
+                "looked up")
+    if always_ids.is_cuda:
+        _ALWAYS_CHECKED[always_ids] = key
+
+
 @triton_op("flashhead::topk", mutates_args=())
 def topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
          token_ids: torch.Tensor, probes: int, cluster_size: int, k: int,
-         centroid_noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+         centroid_noise: Optional[torch.Tensor] = None, always_ids: Optional[torch.Tensor] = None,
+         always_rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashHead top-k: ids [B, k] int64 (vocabulary ids) and exact logits [B, k] fp32.
 
     See custom_ops.flashhead_topk for the documented front.  CPU: the PyTorch reference.  CUDA:
-    the fused Triton kernels.
+    the fused Triton kernels.  always_ids without always_rows: the rows are looked up here, an
+    O(V) scatter per call; pass both to keep the extra cost at O(A * D).
     """
-    check_inputs(h, centroids, weight, offsets, token_ids, probes, cluster_size, k, centroid_noise)
+    check_inputs(h, centroids, weight, offsets, token_ids, probes, cluster_size, k,
+                 centroid_noise, always_ids, always_rows)
+    if always_ids is not None and always_ids.shape[0] == 0:
+        always_ids = always_rows = None                     # empty list: today's op
+    if always_ids is not None:
+        check_always_values(always_ids, always_rows, token_ids)
+        if always_rows is None:
+            always_rows = always_rows_of(always_ids, token_ids)
     if h.device.type != "cuda":
         return flashhead_reference(h, centroids, weight, offsets, token_ids, probes, cluster_size,
-                                   k, centroid_noise)
+                                   k, centroid_noise, always_ids, always_rows)
     from custom_ops.flashhead_triton import triton_topk
 
     return triton_topk(h, centroids, weight, offsets, token_ids, probes, cluster_size, k,
-                       centroid_noise)
+                       centroid_noise, always_rows)

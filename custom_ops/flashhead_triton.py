@@ -25,6 +25,9 @@ Pipeline of `triton_topk` (every launch fixed-size, no host sync: CUDA-graph cap
      cluster into keys [B, P * C] (logit, then smallest id, in one int64).  For k = 1 it keeps
      only each row's largest key (atomic max) and its last program to finish writes ids and
      logits; for k > 1 torch.topk over the keys and `_decode_keys_kernel` give the k best.
+     Always-scored rows (the op's always ids): the first programs of this kernel score them for
+     every row of h (their slots follow the P * C cluster slots), and a union program that meets
+     one of them in a picked cluster leaves padding in its slot, so each id is a candidate once.
 On Hopper and newer, run eagerly (also inside a CUDA graph), every kernel after the first is
 launched with programmatic dependent launch (`_pdl_entry`): it starts while the kernel before it
 still runs and waits for it on the GPU, which hid ~3 us of launch gaps at B = 1 on an H100.
@@ -373,11 +376,13 @@ def _compact_union_kernel(flag_ptr, union_ptr, n_union_ptr, K, BLOCK: tl.constex
 
 @triton.jit
 def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union_ptr,
-                        n_union_ptr, key_ptr, ids_ptr, logit_ptr, B, K, D, NCAND,
+                        n_union_ptr, key_ptr, ids_ptr, logit_ptr, always_ptr, B, K, D, V, NCAND,
                         C: tl.constexpr, GROUP: tl.constexpr, BEST: tl.constexpr,
                         DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_B: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-    """Exact logits of the union's clusters for the rows that picked them.
+                        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+                        A: tl.constexpr, A_BLOCK: tl.constexpr, A_PROGRAMS: tl.constexpr):
+    """Exact logits of the union's clusters for the rows that picked them, and of the
+    always-scored rows for every row.
 
     h [B, D]; weight [V, D] reordered; offsets [K + 1] int64; token_ids [V] int64; pos [B, K]
     int32; union [U] int32 with length n_union[0].  Program g scores the rows of the GROUP
@@ -385,7 +390,7 @@ def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union
     block of BLOCK_B rows of h in turn (more than one block only for B > 64; the later blocks
     read the weight rows from L1/L2), and for each row b and cluster c with p = pos[b, c] >= 0
     writes slots p * C .. p * C + C - 1 of
-      key [B, NCAND = P * C] int64: (logit as order-preserving int32) << 32 |
+      key [B, NCAND = P * C (+ A)] int64: (logit as order-preserving int32) << 32 |
           (2**31 - 1 - vocab id), so the largest key is the largest logit, ties to the smallest
           vocab id; the logit is exact and decodes back from the key (`_decode_key`); padding
           slots of short clusters hold -inf and token_ids[0], like the reference.
@@ -399,17 +404,37 @@ def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union
     64: 0.143 ms for the whole op with 64-row tiles of 4 clusters; with 16-row tiles 0.244 ms
     (4 programs per cluster, launched one after another) or 0.291 ms (one program per cluster
     looping over the 4 row blocks).
+    Always-scored rows (A > 0; A = 0 compiles the kernel without any of this): always [A] int64
+    rows of the weight (< 256, V given for bounds).  The first A_PROGRAMS programs score them
+    (`_score_always_block`, GROUP * BLOCK_C rows each) for every row of h into key slots
+    P * C .. P * C + A - 1 (NCAND = P * C + A), or into the row maxima (BEST); the union
+    programs follow and turn the slot of an always row inside their clusters into padding, so
+    every row is a candidate once.
     Cost: |union| * C * D * elt bytes of weight (12.6 MB for 256 clusters, C=16, D=1536 bf16;
-    all 467 MB when the union covers every cluster) + 8 * B * P * C bytes written.
+    all 467 MB when the union covers every cluster) + 8 * B * P * C bytes written; always rows:
+    A * D * elt bytes of weight (3 KB per id at D=1536 bf16) + 8 * B * A written, plus A * 8
+    bytes per union program (L2).
     """
     _pdl_entry(PDL, PDL)
-    g = tl.program_id(0)
+    g = tl.program_id(0) - A_PROGRAMS
     n_union = tl.load(n_union_ptr)
-    if g * GROUP < n_union:
+    if A_PROGRAMS > 0:
+        if g < 0:
+            for bb in range(0, tl.cdiv(B, BLOCK_B)):
+                _score_always_block(h_ptr, w_ptr, token_ids_ptr, always_ptr, key_ptr,
+                                    g + A_PROGRAMS, bb, B, D, V, NCAND, A, A_BLOCK, BEST,
+                                    DOT_FP32, EVEN_D, BLOCK_B, GROUP * BLOCK_C, BLOCK_D)
+        elif g * GROUP < n_union:
+            for bb in range(0, tl.cdiv(B, BLOCK_B)):
+                _score_union_block(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union_ptr,
+                                   n_union, key_ptr, always_ptr, g, bb, B, K, D, NCAND, C, GROUP,
+                                   BEST, DOT_FP32, EVEN_D, BLOCK_B, BLOCK_C, BLOCK_D, A,
+                                   A_BLOCK)
+    elif g * GROUP < n_union:
         for bb in range(0, tl.cdiv(B, BLOCK_B)):
             _score_union_block(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union_ptr,
-                               n_union, key_ptr, g, bb, B, K, D, NCAND, C, GROUP, BEST,
-                               DOT_FP32, EVEN_D, BLOCK_B, BLOCK_C, BLOCK_D)
+                               n_union, key_ptr, always_ptr, g, bb, B, K, D, NCAND, C, GROUP,
+                               BEST, DOT_FP32, EVEN_D, BLOCK_B, BLOCK_C, BLOCK_D, A, A_BLOCK)
     if BEST:
         # Last program out decodes the row maxima.  The barrier orders every thread's atomic_max
         # before the counter's release; the counter's acquire orders the reads after it.
@@ -427,9 +452,10 @@ def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union
 
 @triton.jit
 def _score_union_block(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union_ptr, n_union,
-                       key_ptr, g, bb, B, K, D, NCAND, C: tl.constexpr, GROUP: tl.constexpr,
-                       BEST: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr,
-                       BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+                       key_ptr, always_ptr, g, bb, B, K, D, NCAND, C: tl.constexpr,
+                       GROUP: tl.constexpr, BEST: tl.constexpr, DOT_FP32: tl.constexpr,
+                       EVEN_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_D: tl.constexpr, A: tl.constexpr, A_BLOCK: tl.constexpr):
     """The work of one `_score_union_kernel` program (see there): union clusters
     g * GROUP .. g * GROUP + GROUP - 1 against row block bb."""
     # Per cluster first ([GROUP]), then per lane ([GROUP, BLOCK_C] flattened, GROUP clusters
@@ -466,6 +492,14 @@ def _score_union_block(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union_
                          input_precision="ieee")
         else:
             acc = tl.dot(hv, tl.trans(wv), acc)
+    if A > 0:
+        # An always row is scored by `_score_always_block`; here its slot becomes padding.
+        for a0 in tl.static_range(0, A, A_BLOCK):
+            aj = a0 + tl.arange(0, A_BLOCK)
+            ar = tl.load(always_ptr + aj, mask=aj < A, other=-1)         # [A_BLOCK] rows
+            hit = tl.sum((rows[:, None] == ar[None, :]).to(tl.int32), axis=1)
+            valid = valid & (hit == 0)
+        rows = tl.where(valid, rows, 0)
     score = tl.where(valid[None, :], acc, float("-inf"))
     ordered = _order_key32(score)
     tid = tl.load(token_ids_ptr + rows)                                 # [GROUP * BLOCK_C]
@@ -479,6 +513,54 @@ def _score_union_block(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union_
     else:
         out = b[:, None].to(tl.int64) * NCAND + p * C + i[None, :]
         tl.store(key_ptr + out, key, mask=out_mask)
+
+
+@triton.jit
+def _score_always_block(h_ptr, w_ptr, token_ids_ptr, always_ptr, key_ptr, g, bb, B, D, V, NCAND,
+                        A: tl.constexpr, A_BLOCK: tl.constexpr, BEST: tl.constexpr,
+                        DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_B: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Always rows a = g * BLOCK_N .. g * BLOCK_N + BLOCK_N - 1 (of always [A] int64) against
+    row block bb, for every row: key[b, NCAND - A + a] (the same key as `_score_union_block`'s),
+    or with BEST the row maxima.  A row listed twice is scored at its first slot; the others,
+    and rows outside [0, V) (never passed by the checked op), are padding (-inf, token_ids[0])."""
+    a = g * BLOCK_N + tl.arange(0, BLOCK_N)                              # [BLOCK_N] slots
+    live = a < A
+    rows = tl.load(always_ptr + a, mask=live, other=0)                  # [BLOCK_N] int64
+    valid = live & (rows >= 0) & (rows < V)
+    for a0 in tl.static_range(0, A, A_BLOCK):
+        aj = a0 + tl.arange(0, A_BLOCK)
+        ar = tl.load(always_ptr + aj, mask=aj < A, other=-1)
+        earlier = (ar[None, :] == rows[:, None]) & (aj[None, :] < a[:, None])
+        valid = valid & (tl.sum(earlier.to(tl.int32), axis=1) == 0)
+    rows = tl.where(valid, rows, 0)
+    b = bb * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_ok = b < B
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):                     # as in `_score_union_block`
+        d = d0 + tl.arange(0, BLOCK_D)
+        if EVEN_D:
+            w_mask = valid[:, None]
+            h_mask = b_ok[:, None]
+        else:
+            w_mask = valid[:, None] & (d < D)[None, :]
+            h_mask = b_ok[:, None] & (d < D)[None, :]
+        wv = tl.load(w_ptr + rows[:, None] * D + d[None, :], mask=w_mask, other=0.0)
+        hv = tl.load(h_ptr + b[:, None] * D + d[None, :], mask=h_mask, other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(hv.to(tl.float32), tl.trans(wv.to(tl.float32)), acc,
+                         input_precision="ieee")
+        else:
+            acc = tl.dot(hv, tl.trans(wv), acc)
+    score = tl.where(valid[None, :], acc, float("-inf"))
+    tid = tl.load(token_ids_ptr + rows)                                 # [BLOCK_N]
+    key = (_order_key32(score).to(tl.int64) << 32) | (2147483647 - tid)[None, :]
+    if BEST:
+        row_best = tl.max(tl.where(valid[None, :], key, _KEY_MIN), axis=1)  # [BLOCK_B]
+        tl.atomic_max(key_ptr + b, row_best, mask=b_ok & (row_best > _KEY_MIN), sem="relaxed")
+    else:
+        out = b[:, None].to(tl.int64) * NCAND + (NCAND - A) + a[None, :]
+        tl.store(key_ptr + out, key, mask=b_ok[:, None] & live[None, :])
 
 
 @triton.jit
@@ -535,14 +617,16 @@ def _blocks(D: int, C: int, h_dtype: torch.dtype, w_dtype: torch.dtype, B: int) 
 
 def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
                 offsets: torch.Tensor, token_ids: torch.Tensor, probes: int, cluster_size: int,
-                k: int, centroid_noise: Optional[torch.Tensor] = None, *, select: str = "auto",
+                k: int, centroid_noise: Optional[torch.Tensor] = None,
+                always_rows: Optional[torch.Tensor] = None, *, select: str = "auto",
                 pdl: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashHead top-k with Triton kernels: ids [B, k] int64 and logits [B, k] fp32, best first.
 
     Same contract as custom_ops.reference.flashhead_reference (inputs already checked by
     custom_ops.flashhead.check_inputs): h [B, D]; centroids [K, D]; weight [V, D] reordered;
-    offsets [K + 1] int64; token_ids [V] int64; centroid_noise [B, K] or None.  Equal logits
-    come smallest vocabulary id first.  Output shapes depend only on B, k: no host sync.
+    offsets [K + 1] int64; token_ids [V] int64; centroid_noise [B, K] or None; always_rows [A]
+    int64 rows of `weight` scored for every row whatever the probes (the op's always ids,
+    already turned into rows), or None.  Equal logits come smallest vocabulary id first.  Output shapes depend only on B, k: no host sync.
     select: how the P clusters per row are picked: "multi" (the default, "auto": a radix select
     spread over many programs, `_select_refine_kernel` and `_select_take_kernel`), "single"
     (`_select_top_kernel`, one program per row, K <= 16384) or "torch" (torch.topk);
@@ -579,9 +663,10 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
     # Without noise the kernel never reads noise_ptr; h stands in (not `scores`: one tensor as
     # both a read and a written argument would look aliased to Inductor).
     noise = centroid_noise.contiguous() if centroid_noise is not None else h
+    A = 0 if always_rows is None else int(always_rows.shape[0])
     # keys: k = 1: [B + 1] int64, the row maxima and a program counter (set up by stage 1,
-    # decoded by the last stage-2 program); else every candidate's key [B, P * C].
-    keys = _empty((B + 1,) if k == 1 else (B, P * C), torch.int64, dev)
+    # decoded by the last stage-2 program); else every candidate's key [B, P * C + A].
+    keys = _empty((B + 1,) if k == 1 else (B, P * C + A), torch.int64, dev)
     _launch(_centroid_scores_kernel, (triton.cdiv(K, blk.block_k) * nb,))(
         h, centroids, noise, scores, flag, ws, keys, B, K, D,
         HAS_NOISE=centroid_noise is not None, HIST=multi, INIT_BEST=k == 1,
@@ -615,10 +700,14 @@ def triton_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
 
     ids = torch.empty((B, k), dtype=torch.int64, device=dev)             # ids: [B, k] int64
     logits = torch.empty((B, k), dtype=torch.float32, device=dev)       # logits: [B, k] fp32
-    _launch(_score_union_kernel, (triton.cdiv(U, blk.group),), pdl)(
-        h, weight, offsets, token_ids, pos, union, n_union, keys, ids, logits, B, K, D, P * C,
+    # The always rows: the first programs of the union kernel (A = 0: the kernel as without).
+    a_programs = triton.cdiv(A, blk.group * blk.block_c)
+    _launch(_score_union_kernel, (triton.cdiv(U, blk.group) + a_programs,), pdl)(
+        h, weight, offsets, token_ids, pos, union, n_union, keys, ids, logits,
+        always_rows if A else offsets, B, K, D, weight.shape[0], P * C + A,
         C=C, GROUP=blk.group, BEST=k == 1, DOT_FP32=blk.dot_fp32, EVEN_D=even_d,
         BLOCK_B=blk.block_b, BLOCK_C=blk.block_c, BLOCK_D=blk.block_d, PDL=pdl,
+        A=A, A_BLOCK=min(32, triton.next_power_of_2(max(A, 1))), A_PROGRAMS=a_programs,
         num_warps=blk.num_warps)
     if k > 1:
         best = torch.topk(keys, k, dim=1).values                       # [B, k], best first

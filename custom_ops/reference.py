@@ -1,7 +1,7 @@
 """Pure-PyTorch FlashHead: the oracle every kernel is tested against, and the CPU kernel.
 
 Dimensions: B rows of the batch, D hidden size, V vocabulary, K clusters, C cluster size
-(largest cluster), P probed clusters, k returned candidates.
+(largest cluster), P probed clusters, A always-scored tokens, k returned candidates.
 """
 
 from __future__ import annotations
@@ -47,22 +47,53 @@ def topk_by_logit_then_id(logits: torch.Tensor, ids: torch.Tensor,
     return torch.gather(ids, 1, order), by_logit.values[:, :k]
 
 
+def always_rows_of(always_ids: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Rows of the reordered weight that hold the vocabulary ids `always_ids` [A] int64 ->
+    [A] int64, through the inverse of the permutation token_ids [V] (O(V) work: callers that
+    score the same ids at every step compute this once, as FlashHeadLMHead does)."""
+    inverse = torch.empty_like(token_ids)                              # [V] vocab id -> row
+    inverse[token_ids] = torch.arange(token_ids.shape[0], device=token_ids.device)
+    return inverse[always_ids]
+
+
+def always_candidates(always_rows: torch.Tensor) -> torch.Tensor:
+    """[A] bool: the first occurrence of each row (an id listed twice is scored once)."""
+    same = always_rows.unsqueeze(0) == always_rows.unsqueeze(1)        # [A, A]
+    return ~torch.tril(same, diagonal=-1).any(dim=1)
+
+
 def flashhead_reference(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
                         offsets: torch.Tensor, token_ids: torch.Tensor, probes: int,
                         cluster_size: int, k: int,
-                        centroid_noise: Optional[torch.Tensor] = None
+                        centroid_noise: Optional[torch.Tensor] = None,
+                        always_ids: Optional[torch.Tensor] = None,
+                        always_rows: Optional[torch.Tensor] = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashHead in plain PyTorch, fp32 arithmetic.
 
     h [B, D]; centroids [K, D]; weight [V, D] reordered; offsets [K + 1] int64;
     token_ids [V] int64; centroid_noise [B, K] or None (added to the centroid scores, for
-    stochastic probing).  Returns ids [B, k] int64 (vocabulary ids) and logits [B, k] fp32,
-    best first; equal logits come smallest vocabulary id first, so with probes == K the first
-    id is exactly torch.argmax of the dense fp32 logits.  Padding slots of short clusters score
-    -inf and are never returned while k <= probes * (smallest cluster size).
+    stochastic probing); always_ids [A] int64 vocabulary ids scored at every step whatever the
+    probes, or None; always_rows [A] int64 their rows in `weight` (token_ids[always_rows] ==
+    always_ids), or None to look them up here.  Returns ids [B, k] int64 (vocabulary ids) and
+    logits [B, k] fp32, best first; equal logits come smallest vocabulary id first, so with
+    probes == K the first id is exactly torch.argmax of the dense fp32 logits.
+
+    Candidates: the rows of the `probes` best clusters UNION the always rows, each row once (an
+    always row inside a probed cluster, or listed twice, turns its other slots into padding).
+    Padding slots (short clusters, those duplicates) score -inf with id token_ids[0] and are
+    never returned while k <= probes * (smallest cluster size).
     """
     sel = select_clusters(h, centroids, probes, centroid_noise)        # [B, P]
     rows, valid = candidate_rows(sel, offsets, cluster_size)           # [B, P * C]
+    if always_ids is not None and always_ids.numel() > 0:
+        if always_rows is None:
+            always_rows = always_rows_of(always_ids, token_ids)
+        valid = valid & ~torch.isin(rows, always_rows)                  # scored below instead
+        B, A = h.shape[0], always_rows.shape[0]
+        rows = torch.cat([rows, always_rows.expand(B, A)], dim=1)       # [B, P * C + A]
+        valid = torch.cat([valid, always_candidates(always_rows).expand(B, A)], dim=1)
+    rows = torch.where(valid, rows, 0)
     hf = h.float()
     chunk = max(1, _GATHER_BUDGET // max(1, rows.shape[1] * h.shape[1]))
     logits = torch.cat([

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from custom_ops import flashhead_triton
-from custom_ops.reference import flashhead_reference
+from custom_ops import FlashHeadInputError
+from custom_ops.reference import always_rows_of, flashhead_reference, select_clusters
 from fh_compile.build_assets import build_assets
 from triton_poison import poison  # noqa: F401 (autouse fixture)
 from triton_select import (SELECTS, check_selection, draw_h, run_select, selection_scores,
@@ -48,12 +49,14 @@ def op_args(a, dtype, probes, k, C=16):
     return (a.centroids.to(dtype), a.weight.to(dtype), a.offsets, a.token_ids, probes, C, k)
 
 
-def check(ids, logits, a, h, probes, k, noise=None, dtype=torch.bfloat16, C=16):
-    """ids/logits from the op vs the fp32 CPU reference (no TF32 anywhere)."""
+def check(ids, logits, a, h, probes, k, noise=None, dtype=torch.bfloat16, C=16, always=None):
+    """ids/logits from the op vs the fp32 CPU reference (no TF32 anywhere); always: the op's
+    always ids (vocabulary ids), if any."""
     cent, weight, offsets, token_ids = (t.cpu() for t in op_args(a, dtype, probes, k, C)[:4])
     hc, nc = h.cpu(), (noise.cpu() if noise is not None else None)
     ref_ids, ref_logits = flashhead_reference(hc, cent, weight, offsets, token_ids, probes, C,
-                                              min(k + 1, probes * C), nc)
+                                              min(k + 1, probes * C), nc,
+                                              None if always is None else always.cpu())
     ids, logits = ids.cpu(), logits.cpu()
     B, V = h.shape[0], weight.shape[0]
     assert ids.shape == (B, k) and ids.dtype == torch.int64
@@ -208,3 +211,122 @@ def test_fullgraph_compile(medium, fresh_seed, mode, B) -> None:     # B=64: 64-
         assert torch.equal(ids, eager_ids)
         assert torch.equal(logits, eager_logits)
         check(ids, logits, medium, h, probes, k, noise, dtype)
+
+
+def always_ids_for(a, h, probes, dtype):
+    """[A] int64 on CUDA: two tokens of a cluster row 0 probes, five anywhere, one repeat."""
+    c = int(select_clusters(h.cpu(), a.centroids.to(dtype).cpu(), probes)[0, 0])
+    start = int(a.offsets[c])
+    inside = a.token_ids[start:start + 2]
+    outside = torch.randperm(a.vocab_size, device="cuda")[:5]
+    return torch.cat([outside, inside, outside[:1]])
+
+
+def always_op(a, h, dtype, probes, k, always, noise=None, C=16):
+    rows = always_rows_of(always, a.token_ids)
+    return torch.ops.flashhead.topk(h, *op_args(a, dtype, probes, k, C), noise, always, rows)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B", [1, 5, 64, 130])
+def test_always_ids_small_shapes(small, fresh_seed, dtype, B) -> None:
+    for probes, k, noise in ((1, 1, None), (7, 5, None), (9, 16, gumbel(B, small.num_clusters))):
+        h = draw_h(small.centroids, B, probes, noise, dtype, CLEAR)
+        always = always_ids_for(small, h, probes, dtype)
+        ids, logits = always_op(small, h, dtype, probes, k, always, noise)
+        check(ids, logits, small, h, probes, k, noise, dtype, always=always)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B", [1, 16, 64])
+def test_always_ids_medium_shapes(medium, fresh_seed, dtype, B) -> None:
+    for probes, k in ((64, 1), (256, 8)):
+        h = draw_h(medium.centroids, B, probes, None, dtype, CLEAR)
+        always = always_ids_for(medium, h, probes, dtype)
+        ids, logits = always_op(medium, h, dtype, probes, k, always)
+        check(ids, logits, medium, h, probes, k, None, dtype, always=always)
+
+
+@pytest.mark.parametrize("select", ["multi", "single", "torch"])
+def test_always_ids_every_selection(medium, fresh_seed, select) -> None:
+    h = draw_h(medium.centroids, 16, 128, None, torch.bfloat16, CLEAR)
+    always = always_ids_for(medium, h, 128, torch.bfloat16)
+    args = op_args(medium, torch.bfloat16, 128, 4)
+    out = flashhead_triton.triton_topk(h, *args, None, always_rows_of(always, medium.token_ids),
+                                       select=select)
+    check(*out, medium, h, 128, 4, always=always)
+
+
+@pytest.mark.parametrize("B,probes,k", [(1, 1, 1), (1, 64, 4), (16, 1, 1), (16, 64, 4)])
+def test_planted_always_id_beyond_the_probes(medium, fresh_seed, B, probes, k) -> None:
+    """bf16 at V=32003: a token of a cluster no row probes gets every row's largest logit;
+    only the always ids find it."""
+    dtype = torch.bfloat16
+    h = draw_h(medium.centroids, B, probes, None, dtype, CLEAR)
+    # probes + 1: a row whose P-th cluster nearly ties may probe the next one on the GPU
+    near = select_clusters(h.cpu(), medium.centroids.to(dtype).cpu(), probes + 1)
+    sel = set(near.flatten().tolist())
+    c = next(c for c in torch.randperm(medium.num_clusters).tolist() if c not in sel)
+    row = int(medium.offsets[c]) + 3
+    weight = medium.weight.to(dtype).clone()
+    weight[row] = (20.0 * torch.nn.functional.normalize(h.float(), dim=1).sum(0)).to(dtype)
+    eos = medium.token_ids[row:row + 1]
+    args = (h, medium.centroids.to(dtype), weight, medium.offsets, medium.token_ids, probes, 16, k)
+    assert not bool((torch.ops.flashhead.topk(*args)[0] == eos).any())
+    ids, logits = torch.ops.flashhead.topk(*args, None, eos, torch.tensor([row], device="cuda"))
+    assert bool((ids[:, 0] == eos).all())
+    dense = (h.float() @ weight.float().t()).max(dim=1).values                  # fp32 products
+    torch.testing.assert_close(logits[:, 0], dense, rtol=1e-4, atol=2e-3)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_always_ids_cuda_graph_and_compile(medium, fresh_seed, k) -> None:
+    B, probes, dtype = 16, 128, torch.bfloat16
+    always = torch.tensor([0, 5, 32002], device="cuda")
+    rows = always_rows_of(always, medium.token_ids)
+    args = op_args(medium, dtype, probes, k)
+    static_h = torch.randn(B, 512, device="cuda").to(dtype)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):                 # warm up (Triton compiles, values checked)
+        for _ in range(3):
+            torch.ops.flashhead.topk(static_h, *args, None, always, rows)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ids, logits = torch.ops.flashhead.topk(static_h, *args, None, always, rows)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda h: torch.ops.flashhead.topk(h, *args, None, always, rows),
+                             fullgraph=True)
+    for _ in range(3):
+        h = torch.randn(B, 512, device="cuda").to(dtype)
+        static_h.copy_(h)
+        graph.replay()
+        torch.cuda.synchronize()
+        check(ids.clone(), logits.clone(), medium, h, probes, k, None, dtype, always=always)
+        c_ids, c_logits = compiled(h)
+        check(c_ids, c_logits, medium, h, probes, k, None, dtype, always=always)
+
+
+def test_always_ids_checked_on_cuda(small) -> None:
+    h = torch.randn(2, 96, device="cuda", dtype=torch.bfloat16)
+    args = op_args(small, torch.bfloat16, 4, 3)
+    bad = torch.tensor([1, 1003], device="cuda")
+    with pytest.raises(FlashHeadInputError, match=r"vocabulary ids in \[0, V=1003\)"):
+        torch.ops.flashhead.topk(h, *args, None, bad)
+    always = torch.tensor([1, 2], device="cuda")
+    torch.ops.flashhead.topk(h, *args, None, always)       # checked once, then cached
+    always[1] = 5000                                        # a new version is checked again
+    with pytest.raises(FlashHeadInputError, match="vocabulary ids"):
+        torch.ops.flashhead.topk(h, *args, None, always)
+    wrong_rows = always_rows_of(torch.tensor([2, 1], device="cuda"), small.token_ids)
+    with pytest.raises(FlashHeadInputError, match=r"token_ids\[always_rows\]"):
+        torch.ops.flashhead.topk(h, *args, None, torch.tensor([1, 2], device="cuda"), wrong_rows)
+
+
+def test_opcheck_with_always_ids(small, fresh_seed) -> None:
+    h = torch.randn(3, 96, device="cuda", dtype=torch.bfloat16)
+    always = torch.tensor([7, 1002], device="cuda")
+    args = (h, *op_args(small, torch.bfloat16, 4, 3), gumbel(3, small.num_clusters), always,
+            always_rows_of(always, small.token_ids))
+    torch.library.opcheck(torch.ops.flashhead.topk.default, args)

@@ -25,7 +25,8 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 from custom_ops import flashhead_triton  # noqa: E402
 from custom_ops.flashhead_triton import triton_topk  # noqa: E402
-from custom_ops.reference import flashhead_reference  # noqa: E402
+from custom_ops.reference import (always_rows_of, flashhead_reference,  # noqa: E402
+                                 select_clusters)
 from fh_compile.build_assets import build_assets  # noqa: E402
 from triton_poison import poison  # noqa: E402,F401 (autouse fixture)
 from triton_select import (SELECTS, check_selection, draw_h, run_select,  # noqa: E402
@@ -43,11 +44,13 @@ def assets():
     return build_assets(torch.randn(V, D), cluster_size=C, coarse_iters=3, fine_iters=3)
 
 
-def check(assets, h, probes, k, noise=None, dtype=torch.float32, tol=1e-4):
+def check(assets, h, probes, k, noise=None, dtype=torch.float32, tol=1e-4, always=None,
+          select="auto"):
     cent, weight = assets.centroids.to(dtype), assets.weight.to(dtype)
     args = (cent, weight, assets.offsets, assets.token_ids, probes, C)
-    ids, logits = triton_topk(h, *args, k, noise)
-    ref_ids, ref_logits = flashhead_reference(h, *args, min(k + 1, probes * C), noise)
+    rows = None if always is None else always_rows_of(always, assets.token_ids)
+    ids, logits = triton_topk(h, *args, k, noise, rows, select=select)
+    ref_ids, ref_logits = flashhead_reference(h, *args, min(k + 1, probes * C), noise, always)
     assert ids.shape == (h.shape[0], k) and ids.dtype == torch.int64
     assert logits.shape == (h.shape[0], k) and logits.dtype == torch.float32
     assert bool(((ids >= 0) & (ids < V)).all()), "every id is a vocabulary id"
@@ -158,3 +161,44 @@ def test_other_cluster_sizes(fresh_seed, cluster_size, B) -> None:
     torch.testing.assert_close(logits[rows], ref_logits[rows], rtol=1e-5, atol=1e-4)
     top1_clear = (ref_logits[:, 0] - ref_logits[:, 1]) > 1e-4
     assert torch.equal(ids[rows & top1_clear, 0], ref_ids[rows & top1_clear, 0])
+
+
+def always_ids_for(assets, h, probes):
+    """Always ids: two tokens of a cluster row 0 probes, three that may lie anywhere, a repeat."""
+    c = int(select_clusters(h, assets.centroids, probes)[0, 0])
+    inside = assets.token_ids[int(assets.offsets[c]):int(assets.offsets[c]) + 2]
+    outside = torch.randperm(V)[:3]
+    return torch.cat([outside, inside, outside[:1]])
+
+
+@pytest.mark.parametrize("B,probes,k", [(1, 1, 1), (1, 4, 5), (3, 2, 1), (3, 3, 6), (40, 2, 1),
+                                        (40, 2, 3)])
+def test_always_ids_match_reference(assets, fresh_seed, B, probes, k) -> None:
+    h = draw_h(assets.centroids, B, probes)
+    check(assets, h, probes, k, always=always_ids_for(assets, h, probes))
+
+
+@pytest.mark.parametrize("select", ["single", "torch"])
+def test_always_ids_with_other_selections(assets, fresh_seed, select) -> None:
+    h = draw_h(assets.centroids, 3, 3)
+    check(assets, h, 3, 4, always=always_ids_for(assets, h, 3), select=select)
+
+
+@pytest.mark.parametrize("B,k", [(1, 1), (1, 4), (3, 1), (3, 4)])
+def test_planted_always_id_beyond_the_probes(assets, fresh_seed, B, k) -> None:
+    # A token of a cluster no row probes gets every row's largest logit: with probes = 1 only
+    # the always ids reach it.  fp16 weights: the native 16-bit tl.dot path.
+    h = draw_h(assets.centroids, B, 1).to(torch.float16)
+    sel = set(select_clusters(h, assets.centroids.half(), 2).flatten().tolist())  # + near ties
+    c = next(c for c in torch.randperm(assets.num_clusters).tolist() if c not in sel)
+    row = int(assets.offsets[c])
+    weight = assets.weight.half().clone()
+    weight[row] = (16.0 * torch.nn.functional.normalize(h.float(), dim=1).sum(0)).half()
+    eos = assets.token_ids[row:row + 1]
+    args = (h, assets.centroids.half(), weight, assets.offsets, assets.token_ids, 1, C, k)
+    assert not bool((triton_topk(*args)[0] == eos).any())
+    ids, logits = triton_topk(*args, None, torch.tensor([row]))
+    ref_ids, ref_logits = flashhead_reference(*args, None, eos)
+    assert bool((ids[:, 0] == eos).all())
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-3)
+    assert torch.equal(ids[:, 0], ref_ids[:, 0])
