@@ -15,11 +15,17 @@ from custom_ops.reference import dense_reference, flashhead_reference
 from custom_ops import fused_linear as _fused_linear  # registers rms_norm_linear, act_linear
 from custom_ops.fused_linear import (FusedLinearInputError, act_linear_reference,
                                      rms_norm_linear_reference)
+from custom_ops import decode_attention as _decode_attention  # registers decode_attention
+from custom_ops import rope_cache as _rope_cache  # registers rope_kv_write
+from custom_ops.decode_attention import AttentionInputError, decode_attention_reference
+from custom_ops.rope_cache import rope_kv_write_reference
 
 __all__ = ["FlashHeadTopK", "FlashHeadInputError", "flashhead_topk", "check_inputs",
            "dense_reference", "flashhead_reference",
            "NormLinearOut", "FusedLinearInputError", "rms_norm_linear", "act_linear",
-           "rms_norm_linear_reference", "act_linear_reference"]
+           "rms_norm_linear_reference", "act_linear_reference",
+           "AttentionInputError", "decode_attention", "decode_attention_reference",
+           "rope_kv_write", "rope_kv_write_reference"]
 
 
 class FlashHeadTopK(NamedTuple):
@@ -90,3 +96,45 @@ def act_linear(x: torch.Tensor, weight: torch.Tensor, act: str = "none") -> torc
     Raises FusedLinearInputError on an unknown act or bad shapes, dtypes, devices or layouts.
     """
     return torch.ops.flashhead.act_linear(x, weight, act)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     starts: torch.Tensor, fill: torch.Tensor, scale: float, window: int = 0,
+                     softcap: float = 0.0) -> torch.Tensor:
+    """Attention of one new token per row over a static KV cache read in place (decode step).
+
+    q [B, Hq, 1, Dh]; k_cache, v_cache [B, Hkv, L, Dh] contiguous, q's dtype (bf16/fp16/fp32),
+    Dh <= 256, Hq a multiple of Hkv (query head h reads kv head h // (Hq // Hkv)); starts [B]
+    int64 (first valid slot of each row: left padding); fill one int64 (0-dim or [1]): slots
+    0..fill-1 are written, the current token is at fill - 1.  Row b attends to slots j with
+    max(starts[b], fill - window if window > 0 else 0) <= j < fill; scores (q . k) * scale, then
+    softcap * tanh(scores / softcap) if softcap > 0; softmax in fp32.
+    Returns out [B, Hq, 1, Dh] in q's dtype; a row with no valid slot gets exactly 0.
+    CUDA: one split-K Triton launch that reads only the valid slots, no host sync (CUDA-graph
+    safe while fill grows).  Raises AttentionInputError on bad shapes, dtypes or devices.
+    """
+    return torch.ops.flashhead.decode_attention(q, k_cache, v_cache, starts, fill, scale,
+                                                window, softcap)
+
+
+def rope_kv_write(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  starts: torch.Tensor, fill: torch.Tensor, inv_freq: torch.Tensor,
+                  attn_scaling: float, num_q_heads: int, q_norm: Optional[torch.Tensor] = None,
+                  k_norm: Optional[torch.Tensor] = None, eps: float = 1e-6,
+                  norm_offset: float = 0.0) -> torch.Tensor:
+    """Rotary (+ optional per-head q/k RMSNorm) of one new token, written into the KV cache.
+
+    qkv [B, (Hq + 2 * Hkv) * Dh] (q heads, k heads, v heads: a fused QKV projection, bias added)
+    in the caches' dtype; k_cache, v_cache [B, Hkv, L, Dh] contiguous, mutated: slot fill - 1 of
+    every row gets the roped k and the raw v; starts [B] int64, fill one int64 as for
+    decode_attention (rotary position of row b: fill - 1 - starts[b]); inv_freq [Dh // 2] fp32
+    (transformers' rotary inv_freq, scaling already applied); attn_scaling multiplies cos and
+    sin; q_norm / k_norm [Dh] or None: x = rmsnorm(x) * (norm_offset + w) first (norm_offset 1.0
+    for Gemma).  fp32 math, rounded once to the cache dtype (transformers rounds between norm
+    and rotary: bf16 results may differ by one rounding).
+    Returns q_out [B, Hq, 1, Dh] (normed, roped) in the caches' dtype.
+    Raises AttentionInputError on bad shapes, dtypes or devices.
+    """
+    return torch.ops.flashhead.rope_kv_write(qkv, k_cache, v_cache, starts, fill, inv_freq,
+                                             attn_scaling, num_q_heads, q_norm, k_norm, eps,
+                                             norm_offset)

@@ -69,7 +69,7 @@ def flashhead_topk_onnx(h, centroids, weight, offsets, token_ids, probes: int,
 def translation_table() -> dict:
     """The `custom_translation_table` argument of torch.onnx.export for models with FlashHead."""
     return {FLASHHEAD_OP: flashhead_topk_onnx, RMS_NORM_LINEAR_OP: rms_norm_linear_onnx,
-            ACT_LINEAR_OP: act_linear_onnx}
+            ACT_LINEAR_OP: act_linear_onnx, DECODE_ATTENTION_OP: decode_attention_onnx}
 
 
 # -- The fused decode linears (custom_ops/fused_linear.py) in standard ONNX ops ------------------
@@ -128,3 +128,41 @@ def act_linear_onnx(x, weight, act: str):
                        op.Add(op.Constant(value_float=1.0), op.Tanh(z)))
         h = _round_like(op.Mul(a, up), x)
     return op.CastLike(_linear(h, weight), x)
+
+
+# -- flashhead::decode_attention -----------------------------------------------------------------
+DECODE_ATTENTION_OP = torch.ops.flashhead.decode_attention.default
+
+
+def decode_attention_onnx(q, k_cache, v_cache, starts, fill, scale: float, window: int = 0,
+                          softcap: float = 0.0):
+    """flashhead::decode_attention (custom_ops/decode_attention.py) in standard ONNX ops, fp32:
+    q [B, Hq, 1, Dh] viewed as [B, Hkv, G, Dh] (GQA without copying K/V), scores against every
+    slot, mask lo_b <= j < fill, a softmax that leaves rows with no valid slot at exactly 0.
+    Reads the whole cache, like the PyTorch reference.  -> [B, Hq, 1, Dh] in q's dtype."""
+    FLOAT = 1  # onnx.TensorProto.FLOAT
+    shape_k = op.Shape(k_cache)                                         # [B, Hkv, L, Dh]
+    groups = op.Concat(_ints(0), op.Slice(shape_k, _ints(1), _ints(2)), _ints(-1, 0), axis=0)
+    qg = op.Reshape(op.Cast(q, to=FLOAT), groups)                       # [B, Hkv, G, Dh]
+    kt = op.Transpose(op.Cast(k_cache, to=FLOAT), perm=[0, 1, 3, 2])    # [B, Hkv, Dh, L]
+    scores = op.Mul(op.MatMul(qg, kt), op.Constant(value_float=float(scale)))  # [B, Hkv, G, L]
+    if softcap > 0:
+        cap = op.Constant(value_float=float(softcap))
+        scores = op.Mul(cap, op.Tanh(op.Div(scores, cap)))
+    fill1 = op.Reshape(fill, _ints(-1))                                 # [1]
+    lo = op.Max(starts, op.Constant(value_int=0))                       # [B]
+    if window > 0:
+        lo = op.Max(lo, op.Sub(fill1, op.Constant(value_int=window)))
+    j = op.Range(op.Constant(value_int=0), op.Squeeze(op.Slice(shape_k, _ints(2), _ints(3))),
+                 op.Constant(value_int=1))                              # [L]
+    valid = op.And(op.GreaterOrEqual(j, op.Unsqueeze(lo, _ints(1))), op.Less(j, fill1))  # [B, L]
+    valid = op.Unsqueeze(valid, _ints(1, 2))                            # [B, 1, 1, L]
+    scores = op.Where(valid, scores, op.Constant(value_float=float("-inf")))
+    top = op.ReduceMax(scores, _ints(-1), keepdims=1)                   # [B, Hkv, G, 1]
+    top = op.Where(op.IsInf(top), op.Constant(value_float=0.0), top)    # empty rows: -inf
+    e = op.Exp(op.Sub(scores, top))                                     # 0 at masked slots
+    total = op.ReduceSum(e, _ints(-1), keepdims=1)
+    p = op.Div(e, op.Where(op.Greater(total, op.Constant(value_float=0.0)), total,
+                           op.Constant(value_float=1.0)))
+    out = op.MatMul(p, op.Cast(v_cache, to=FLOAT))                      # [B, Hkv, G, Dh]
+    return op.CastLike(op.Reshape(out, op.Shape(q)), q)

@@ -1,0 +1,279 @@
+"""Triton split-K ("flash decoding") attention of one new token against a static KV cache.
+
+Dimensions: B rows, Hq query heads, Hkv kv heads (GROUP = Hq // Hkv query heads share one),
+L cache capacity (slots), Dh head size, S splits of a row's valid range.
+
+One launch, grid (B * Hkv * NG, S), NG = cdiv(GROUP, 16) tiles of 16 query heads (one tile for
+every GQA model up to 16 query heads per kv head).  The grid depends on shapes only; every
+program reads `fill` and `starts[b]` from device memory, so a CUDA graph captured once replays
+correctly while the fill grows, and the work scales with the valid range, not with L:
+
+  valid range of row b:  [lo, fill), lo = max(starts[b], fill - window if window > 0, 0)
+  chunk = max(cdiv(n, S) rounded up to BLOCK_N, min_chunk), n = fill - lo;  active splits
+  A = cdiv(n, chunk) <= S: split s streams slots lo + s * chunk .. + chunk of its kv head once
+  for all of its query heads (scores [16, BLOCK_N] and P @ V [16, Dh] by tl.dot, online softmax
+  in fp32); splits s >= A exit at once.
+  A == 0 (empty row): split 0 writes zeros.  A == 1: split 0 writes the output itself.
+  A >= 2: each active split stores its partial (max m, sum l, unnormalized acc [GROUP, Dh],
+  fp32), then counts itself on an atomic counter per (b, kv head, tile); the last to arrive
+  combines the A partials and resets the counter to 0, so the next call (or CUDA-graph replay)
+  starts from zero without a memset.
+Bytes moved per call: 2 * B * Hkv * n * Dh * elt (K and V of the valid slots, each read once)
++ 2 * B * Hq * Dh * elt (q, out) + ~2 * B * Hq * A * (Dh + 2) * 4 (partials, L2-resident).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+from triton.runtime.jit import JITFunction
+
+_HEADS = 16            # query heads per program: tl.dot's smallest M tile
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer a kernel must fully write comes from here (tests poison it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _launch(kernel: Any, grid: tuple[int, ...]) -> Any:
+    """wrap_triton so Inductor sees the kernel; the interpreter's kernels launch directly."""
+    if isinstance(kernel, JITFunction):
+        return torch.library.wrap_triton(kernel)[grid]
+    return kernel[grid]
+
+
+@triton.jit
+def _tanh(x):
+    """tanh from exp, stable for any |x| (exp(-2|x|) <= 1); absolute error ~1e-7 near 0."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, out_ptr, pm_ptr, pl_ptr,
+                             pacc_ptr, count_ptr, scale, softcap, window, min_chunk, L, HKV,
+                             GROUP, NG, DH: tl.constexpr, S: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_PAD: tl.constexpr,
+                             SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr):
+    """See the module docstring.  q, out [B, Hq, 1, Dh]; k, v [B, Hkv, L, Dh] (contiguous);
+    starts [B] int64; fill [1] int64; partials pm, pl [NP, 16, S] fp32 and pacc [NP, 16, S, Dh]
+    fp32 (NP = B * Hkv * NG); count [NP] int32, zero on entry and on exit."""
+    pid = tl.program_id(0)                         # (b, kv head, head tile)
+    s = tl.program_id(1)
+    tile = pid % NG
+    b = (pid // NG) // HKV
+    kvh = (pid // NG) % HKV
+    fill = tl.minimum(tl.load(fill_ptr), L)
+    lo = tl.maximum(tl.load(starts_ptr + b), 0)
+    if window > 0:
+        lo = tl.maximum(lo, fill - window)
+    n = tl.maximum(fill - lo, 0)
+    chunk = tl.maximum(tl.cdiv(tl.cdiv(n, S), BLOCK_N) * BLOCK_N, min_chunk)
+    active = tl.cdiv(n, chunk)                     # A: splits with slots to read
+    if s < tl.maximum(active, 1):
+        g = tile * 16 + tl.arange(0, 16)           # query heads of the group, padded to 16
+        g_ok = g < GROUP
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < DH
+        hq = (b * HKV + kvh) * GROUP + g           # flat (b, query head) index
+        q = tl.load(q_ptr + hq.to(tl.int64)[:, None] * DH + d[None, :],
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0)       # [16, BLOCK_D]
+        kv_base = (b * HKV + kvh).to(tl.int64) * L * DH
+        m_i = tl.full((16,), float("-inf"), tl.float32)
+        l_i = tl.zeros((16,), tl.float32)
+        acc = tl.zeros((16, BLOCK_D), tl.float32)
+        j_lo = lo + s * chunk
+        j_hi = tl.minimum(j_lo + chunk, fill)
+        for j0 in range(j_lo, j_hi, BLOCK_N):
+            j = j0 + tl.arange(0, BLOCK_N)
+            j_ok = j < j_hi
+            kv_off = kv_base + j.to(tl.int64)[:, None] * DH + d[None, :]
+            kv_mask = j_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)          # [BLOCK_N, BLOCK_D]
+            if DOT_FP32:
+                sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)),
+                            input_precision="ieee")
+            else:
+                sc = tl.dot(q, tl.trans(k))                               # [16, BLOCK_N] fp32
+            sc = sc * scale
+            if SOFTCAP:
+                sc = softcap * _tanh(sc / softcap)
+            sc = tl.where(j_ok[None, :], sc, float("-inf"))
+            # Every block holds a valid slot (j0 < j_hi), so m_new is finite.
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(sc - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)          # [BLOCK_N, BLOCK_D]
+            if DOT_FP32:
+                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        out_mask = g_ok[:, None] & d_ok[None, :]
+        out_off = hq.to(tl.int64)[:, None] * DH + d[None, :]
+        if active <= 1:                            # the whole range was this program's
+            o = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
+            tl.store(out_ptr + out_off, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            row = pid.to(tl.int64) * 16 + tl.arange(0, 16)               # [16] (NP, 16) rows
+            tl.store(pm_ptr + row * S + s, m_i, mask=g_ok)
+            tl.store(pl_ptr + row * S + s, l_i, mask=g_ok)
+            tl.store(pacc_ptr + (row * S + s)[:, None] * DH + d[None, :], acc, mask=out_mask)
+            # The barrier orders every thread's partial stores before the counter's release;
+            # the last program's acquire orders its partial loads after every other release.
+            tl.debug_barrier()
+            done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+            if done == active - 1:
+                _combine(pm_ptr, pl_ptr, pacc_ptr, out_ptr, pid, b, kvh, tile, active, HKV,
+                         GROUP, DH, S, BLOCK_D, SPLIT_PAD)
+                tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed")          # clean for next call
+
+
+@triton.jit
+def _combine(pm_ptr, pl_ptr, pacc_ptr, out_ptr, pid, b, kvh, tile, active, HKV, GROUP,
+             DH: tl.constexpr, S: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_PAD: tl.constexpr):
+    """out[b, head] = sum_t e^(m_t - M) acc_t / sum_t e^(m_t - M) l_t over the `active` splits,
+    one query head at a time (a [SPLIT_PAD, BLOCK_D] tile of partials per head, read from L2
+    with .cg loads, which skip the SM's L1: it is not coherent with the other programs' stores)."""
+    t = tl.arange(0, SPLIT_PAD)
+    t_ok = t < active
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < DH
+    n_heads = tl.minimum(GROUP - tile * 16, 16)
+    for gi in range(0, n_heads):
+        row = pid.to(tl.int64) * 16 + gi
+        m = tl.load(pm_ptr + row * S + t, mask=t_ok, other=float("-inf"), cache_modifier=".cg")
+        ll = tl.load(pl_ptr + row * S + t, mask=t_ok, other=0.0, cache_modifier=".cg")
+        m_max = tl.max(m, axis=0)
+        w = tl.where(t_ok, tl.exp(m - m_max), 0.0)                        # [SPLIT_PAD]
+        denom = tl.sum(w * ll, axis=0)
+        part = tl.load(pacc_ptr + (row * S + t)[:, None] * DH + d[None, :],
+                       mask=t_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+        o = tl.sum(w[:, None] * part, axis=0) / denom                    # [BLOCK_D]
+        hq = (b * HKV + kvh) * GROUP + tile * 16 + gi
+        tl.store(out_ptr + hq.to(tl.int64) * DH + d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+class DecodeBlocks(NamedTuple):
+    """Launch settings of one call (`decode_blocks`)."""
+    splits: int       # S: programs per (row, kv head, head tile)
+    block_n: int      # slots per loop step
+    block_d: int      # Dh padded to a power of two (>= 16)
+    min_chunk: int    # fewest slots a split takes (so short ranges use few splits)
+    num_warps: int
+    num_stages: int
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132                                     # traced without a GPU, or the interpreter
+
+
+def decode_blocks(B: int, Hkv: int, group: int, L: int, Dh: int, dtype: torch.dtype,
+                  device: torch.device) -> DecodeBlocks:
+    """Default launch settings; they depend on shapes only (a compiled graph specializes on B,
+    Hkv, L, Dh).  Splits: about two programs per SM at full capacity (B * Hkv * NG * S ~ 2 *
+    SMs), at most L / min_chunk and `max_splits`.  min_chunk = 4 blocks: a split reads at least
+    ~128 KB of K/V (bf16, Dh 128), so short ranges run on few splits and the last program's
+    combine (A * GROUP * Dh * 4 bytes from L2) stays about as short as one split's reads.
+    Blocks: 64 slots at Dh <= 128, 32 at Dh 256, 16 for fp32 (IEEE fp32 dots; no register
+    spills in sm_90 builds of triton 3.9 at 4 warps, 168 registers at Dh 128 bf16).
+    """
+    block_d = max(16, triton.next_power_of_2(Dh))
+    block_n = 16 if dtype == torch.float32 else 64 if block_d <= 128 else 32
+    min_chunk = 4 * block_n
+    programs = B * Hkv * triton.cdiv(group, _HEADS)
+    splits = max(1, min(triton.cdiv(2 * _num_sms(device), programs), triton.cdiv(L, min_chunk),
+                        max_splits(block_d)))
+    return DecodeBlocks(splits, block_n, block_d, min_chunk, 4, 2)
+
+
+def _check_blocks(blk: DecodeBlocks, Dh: int) -> None:
+    def pow2(x: int) -> bool:
+        return x >= 16 and x & (x - 1) == 0
+
+    if not (pow2(blk.block_n) and pow2(blk.block_d) and blk.block_d >= Dh):
+        raise ValueError(f"block_n and block_d must be powers of two >= 16, block_d >= Dh={Dh}; "
+                         f"got {blk}")
+    if not 1 <= blk.splits <= max_splits(blk.block_d) or blk.min_chunk < 1:
+        raise ValueError(f"splits must be in [1, {max_splits(blk.block_d)}] and min_chunk >= 1, "
+                         f"got {blk}")
+
+
+def max_splits(block_d: int) -> int:
+    """The combine holds a [next_pow2(S), block_d] fp32 tile: at most 8192 elements."""
+    return max(1, min(64, 8192 // block_d))
+
+
+# Counters of the last-program combine, one int32 per (row, kv head, head tile), zero between
+# calls: one buffer per device for eager calls (the combining program resets what it used).
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _traced(t: torch.Tensor) -> bool:
+    """Whether torch.compile / torch.export / make_fx are tracing (fake or functional tensors)."""
+    return (torch.compiler.is_compiling() or type(t) is not torch.Tensor
+            or bool(_get_current_dispatch_mode_stack()))
+
+
+def _counters(n: int, device: torch.device, traced: bool) -> torch.Tensor:
+    """n zeroed int32 counters.  Traced: a fresh zeroed buffer (Inductor cannot keep state
+    between calls), so a compiled graph runs one fill kernel beside the attention kernel.
+    Eager: the device's persistent buffer, grown as needed outside CUDA-graph capture (inside
+    a capture a buffer too small is replaced by a fresh zeroed one for that call only).  Not
+    safe for two calls running at once on different streams (they would share counters)."""
+    if traced:
+        return torch.zeros((n,), dtype=torch.int32, device=device)
+    buf = _COUNTERS.get(device)
+    if buf is not None and buf.numel() >= n:
+        return buf
+    fresh = torch.zeros((max(n, 1024),), dtype=torch.int32, device=device)
+    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _COUNTERS[device] = fresh
+    return fresh
+
+
+def triton_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            starts: torch.Tensor, fill: torch.Tensor, scale: float,
+                            window: int = 0, softcap: float = 0.0, *,
+                            blocks: Optional[DecodeBlocks] = None) -> torch.Tensor:
+    """Decode attention with the Triton kernel: out [B, Hq, 1, Dh] in q.dtype.
+
+    Same contract as custom_ops.decode_attention.decode_attention_reference (inputs checked by
+    custom_ops.decode_attention.check_inputs): q [B, Hq, 1, Dh]; k_cache, v_cache [B, Hkv, L,
+    Dh] contiguous, read in place; starts [B] int64; fill one int64.  No host sync: the grid
+    depends on shapes only.  blocks overrides `decode_blocks` (tests, benchmarks).
+    """
+    B, Hq, _, Dh = q.shape
+    Hkv, L = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    dev = q.device
+    out = _empty((B, Hq, 1, Dh), q.dtype, dev)                           # out: [B, Hq, 1, Dh]
+    if B == 0 or Hq == 0:
+        return out
+    blk = blocks or decode_blocks(B, Hkv, group, L, Dh, q.dtype, dev)
+    _check_blocks(blk, Dh)
+    ng = triton.cdiv(group, _HEADS)
+    NP, S = B * Hkv * ng, blk.splits
+    q = q.contiguous()
+    # Partials of the splits, fp32: m, l [NP, 16, S]; acc [NP, 16, S, Dh] (only A <= S used).
+    part_m = _empty((NP, _HEADS, S), torch.float32, dev)
+    part_l = _empty((NP, _HEADS, S), torch.float32, dev)
+    part_acc = _empty((NP, _HEADS, S, Dh), torch.float32, dev)
+    count = _counters(NP, dev, _traced(q))                              # count: [>= NP] int32
+    _launch(_decode_attention_kernel, (NP, S))(
+        q, k_cache, v_cache, starts, fill.reshape(1), out, part_m, part_l, part_acc, count,
+        float(scale), float(softcap), int(window), blk.min_chunk, L, Hkv, group, ng, DH=Dh, S=S,
+        BLOCK_D=blk.block_d, BLOCK_N=blk.block_n, SPLIT_PAD=triton.next_power_of_2(S),
+        SOFTCAP=softcap > 0, DOT_FP32=q.dtype == torch.float32, num_warps=blk.num_warps,
+        num_stages=blk.num_stages)
+    return out
