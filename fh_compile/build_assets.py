@@ -1,11 +1,10 @@
-"""Build FlashHead assets from an LM-head weight, and the CLI `python -m fh_compile.build_assets`."""
+"""Build FlashHead assets from an LM-head weight.  Command line: `python -m fh_compile build-assets`
+(or `fh-build-assets`, or `python -m fh_compile.build_assets`), in fh_compile.cli."""
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -39,7 +38,8 @@ def centroids_for(weight_sorted: torch.Tensor, offsets: torch.Tensor, mode: str)
 def build_assets(weight: torch.Tensor, *, cluster_size: int = 16, centroid_mode: str = "mean",
                  coarse_iters: int = 12, fine_iters: int = 12, refine_iters: int = 6,
                  groups: int | None = None, seed: int = 0, fingerprint: str | None = None,
-                 refine_metric: str | None = None) -> FlashHeadAssets:
+                 refine_metric: str | None = None,
+                 always_ids: Sequence[int] | None = None) -> FlashHeadAssets:
     """Cluster the rows of an LM-head weight [V, D] and return FlashHead assets.
 
     Balanced spherical k-means (see fh_compile.clustering: exact capacities enforced in every
@@ -48,6 +48,9 @@ def build_assets(weight: torch.Tensor, *, cluster_size: int = 16, centroid_mode:
     vocabulary id inside a cluster).  Runs on weight's device; the result stays there.
     refine_metric (None: the one that matches centroid_mode) is "euclidean" for "mean" scoring
     and "cosine" for "normalized" scoring (see fh_compile.clustering).
+    always_ids: vocabulary ids to score at every step (fh_compile.always.always_scored_ids or
+    always_ids_for_model_files), recorded in the assets' metadata; None records none (the head
+    then takes them from the model).  `fh_compile.always.always_report` checks each one.
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be [V, D], got shape {tuple(weight.shape)}")
@@ -80,37 +83,15 @@ def build_assets(weight: torch.Tensor, *, cluster_size: int = 16, centroid_mode:
         centroids=centroids_for(weight_sorted, offsets, centroid_mode),
         weight=weight_sorted, offsets=offsets.to(weight.device), token_ids=order.to(torch.int64),
         cluster_size=cluster_size, fingerprint=fingerprint or weight_fingerprint(weight),
-        params=params)
+        params=params, always_ids=None if always_ids is None else list(always_ids))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fh_compile.build_assets", description=__doc__)
-    p.add_argument("--model", required=True,
-                   help="Hugging Face folder, hub id, or .gguf file whose LM head to cluster")
-    p.add_argument("--out", required=True, help="directory to write the assets to")
-    p.add_argument("--cluster-size", type=int, default=16)
-    p.add_argument("--centroid-mode", choices=CENTROID_MODES, default="mean")
-    p.add_argument("--iters", type=int, default=12, help="k-means iterations per level")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (where clustering runs)")
-    args = p.parse_args(argv)
+    """`python -m fh_compile.build_assets` (the same command as `python -m fh_compile
+    build-assets` and `fh-build-assets`; see fh_compile.cli)."""
+    from fh_compile.cli import build_assets_main
 
-    from fh_compile.loading import ModelLoadError, load_lm_head_weight
-
-    try:
-        weight = load_lm_head_weight(args.model)
-    except ModelLoadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    t0 = time.perf_counter()
-    assets = build_assets(weight.to(args.device), cluster_size=args.cluster_size,
-                          centroid_mode=args.centroid_mode, coarse_iters=args.iters,
-                          fine_iters=args.iters, seed=args.seed)
-    out = assets.to("cpu").save(Path(args.out))
-    print(f"built {assets.num_clusters} clusters of <= {assets.cluster_size} rows for V="
-          f"{assets.vocab_size}, D={assets.hidden_size} in {time.perf_counter() - t0:.1f} s "
-          f"on {args.device}; fingerprint {assets.fingerprint}; wrote {out}")
-    return 0
+    return build_assets_main(argv, prog="python -m fh_compile.build_assets")
 
 
 if __name__ == "__main__":
