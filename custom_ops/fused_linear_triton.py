@@ -43,8 +43,10 @@ class GemvConfig:
     """Launch config of `_fused_gemv_kernel`.
 
     block_b: rows of x per tile, 1 (elementwise FMA) or 16/32/64 (tl.dot); block_n: output
-    features per program; block_k: K chunk per loop step (elements of the weight's dtype);
-    num_warps, num_stages: Triton's launch options."""
+    features per program (>= 8 for tl.dot: 16 x 8 x 16 mma tiles; smaller is padded);
+    block_k: K chunk per loop step (elements of the weight's dtype); num_warps, num_stages:
+    Triton's launch options (num_stages pipelines only the tl.dot loop: the FMA loop's sm_90
+    code is the same for every num_stages, triton 3.9)."""
     block_b: int
     block_n: int
     block_k: int
@@ -58,9 +60,10 @@ class GemvConfig:
                 raise ValueError(f"GemvConfig.{name} must be a power of two, got {v}")
         if self.block_b not in (1, 16, 32, 64):
             raise ValueError(f"GemvConfig.block_b must be 1, 16, 32 or 64, got {self.block_b}")
-        if self.block_b > 1 and (self.block_n < 16 or self.block_k < 16):
-            raise ValueError(f"tl.dot tiles (block_b > 1) need block_n and block_k >= 16, got "
-                             f"block_n={self.block_n}, block_k={self.block_k}")
+        if self.block_b > 1 and (self.block_n < 8 or self.block_k < 16):
+            raise ValueError(f"tl.dot tiles (block_b > 1) need block_n >= 8 and block_k >= 16 "
+                             f"(the mma tile is 16 x 8 x 16), got block_n={self.block_n}, "
+                             f"block_k={self.block_k}")
         if self.num_stages < 1:
             raise ValueError(f"GemvConfig.num_stages must be >= 1, got {self.num_stages}")
 
@@ -71,13 +74,14 @@ def batch_bucket(B: int) -> str:
 
 
 def default_config(N: int, K: int, B: int) -> GemvConfig:
-    """Config for shapes the table lacks: narrow blocks of output features where N is small, so
-    that >= 2 waves of programs keep every SM streaming; 2 KB of each weight row per step."""
+    """Config for shapes the table lacks: the widest block of output features that still gives
+    >= 2 waves of programs (narrow N: narrow blocks, so every SM streams); at B = 1 steps of
+    8 KB of weight (16-bit), which keeps the fp32 accumulator at 32 registers a thread."""
     if B <= 1:
-        block_n = next((bn for bn in (16, 8) if N >= bn * 4 * _SMS), 4)
-        return GemvConfig(1, block_n, 1024, num_warps=4, num_stages=2)
+        block_n = next((bn for bn in (16, 8, 4, 2) if triton.cdiv(N, bn) >= 2 * _SMS), 1)
+        return GemvConfig(1, block_n, min(2048, 4096 // block_n), num_warps=4, num_stages=1)
     block_b = 16 if B <= 16 else 32 if B <= 32 else 64
-    block_n = 32 if N >= 32 * 2 * _SMS else 16
+    block_n = next((bn for bn in (32, 16) if triton.cdiv(N, bn) >= 2 * _SMS), 8)
     return GemvConfig(block_b, block_n, 256 if block_b < 64 else 128, num_warps=4, num_stages=3)
 
 

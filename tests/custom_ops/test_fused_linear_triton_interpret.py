@@ -32,7 +32,11 @@ CONFIGS = {
     "fma_k64_tail": GemvConfig(1, 8, 64),
     "dot16_k32": GemvConfig(16, 16, 32),
     "dot32_k64_tail": GemvConfig(32, 32, 64),
+    "dot16_n8_k64_tail": GemvConfig(16, 8, 64),
 }
+# (B, config): every config at B = 3 and 17, the FMA ones and one tl.dot tile at B = 1.
+CASES = [(B, c) for B in (1, 3, 17) for c in (None, *CONFIGS)
+         if B > 1 or c is None or c.startswith(("fma", "dot16_k32"))]
 TOL = dict(rtol=1e-5, atol=1e-4)
 
 
@@ -52,12 +56,9 @@ def rms_inputs(B: int, res: bool, bn: bool, bias: bool):
             torch.randn(K), torch.randn(N, K) / K ** 0.5, torch.randn(N) if bias else None)
 
 
-@pytest.mark.parametrize("config", [None, *CONFIGS])
-@pytest.mark.parametrize("B", [1, 3, 17])
+@pytest.mark.parametrize("B,config", CASES)
 def test_rms_norm_linear_matches_reference(fresh_seed, B, config) -> None:
     cfg = CONFIGS.get(config)
-    if cfg is not None and cfg.block_b > 1 and B == 1 and config != "dot16_k32":
-        pytest.skip("one tl.dot config at B = 1 is enough")
     for res in (False, True):
         for bn in (False, True):
             bias = res != bn
@@ -71,12 +72,9 @@ def test_rms_norm_linear_matches_reference(fresh_seed, B, config) -> None:
 
 
 @pytest.mark.parametrize("act", ["none", "silu_mul", "gelu_tanh_mul"])
-@pytest.mark.parametrize("config", [None, *CONFIGS])
-@pytest.mark.parametrize("B", [1, 3, 17])
+@pytest.mark.parametrize("B,config", CASES)
 def test_act_linear_matches_reference(fresh_seed, B, config, act) -> None:
     cfg = CONFIGS.get(config)
-    if cfg is not None and cfg.block_b > 1 and B == 1 and config != "dot16_k32":
-        pytest.skip("one tl.dot config at B = 1 is enough")
     x = 2 * torch.randn(B, K if act == "none" else 2 * K)
     w = torch.randn(N, K) / K ** 0.5
     out = flt.act_linear_triton(x, w, act, config=cfg)
