@@ -125,8 +125,10 @@ def _fp32_cpu_step(model: torch.nn.Module, step: DecodeStep) -> DecodeStep:
     src = step.model
     if next(src.parameters()).dtype != torch.float32 or step.device.type != "cpu":
         src = copy.deepcopy(model).to("cpu", torch.float32)
+    # kernels="torch": the fast forward in plain PyTorch, so the exporter sees standard ops only
+    # (rope_kv_write mutates the cache, which ONNX cannot express); FlashHead stays one op.
     return DecodeStep(src, max_batch_size=step.max_batch_size, max_cache_len=step.max_cache_len,
-                      k=step.k)
+                      k=step.k, kernels="torch")
 
 
 def run_export(cfg: ExportConfig) -> Manifest:

@@ -110,7 +110,7 @@ class DecodeStep(nn.Module):
     def __init__(self, model: nn.Module, *, max_batch_size: int = 1, max_cache_len: int = 2048,
                  k: int = 64, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, forward: str = "auto",
-                 kernels: str = "torch") -> None:
+                 kernels: str = "ops") -> None:
         super().__init__()
         if max_batch_size < 1 or max_cache_len < 2 or k < 1:
             raise ValueError(f"need max_batch_size >= 1, max_cache_len >= 2 and k >= 1, got "
