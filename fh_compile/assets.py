@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,10 +159,10 @@ class FlashHeadAssets:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {n: getattr(self, n).detach().contiguous().cpu() for n in _TENSOR_NAMES}
-        with tempfile.NamedTemporaryFile(dir=out, suffix=".tmp", delete=False) as tmp:
-            tmp_path = Path(tmp.name)
+        tmp_path = _temp_name(out / TENSORS_FILE)
         try:
             save_file(tensors, str(tmp_path))
+            os.chmod(tmp_path, 0o666 & ~_umask())  # safetensors creates it 0o600
             header = self.header()
             header["tensors_sha256"] = file_sha256(tmp_path)
             os.replace(tmp_path, out / TENSORS_FILE)
@@ -226,12 +226,25 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _temp_name(path: Path) -> Path:
+    """A fresh hidden name next to `path` for an atomic write (write, then os.replace).  A file
+    created under it gets the usual mode, 0o666 & ~umask; tempfile's would keep 0o600."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def _umask() -> int:
+    """The process umask (os.umask can only be read by setting it: 0o077 for that instant, so a
+    file another thread creates meanwhile is, if anything, more private)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    tmp = _temp_name(path)
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "x") as f:
             f.write(text)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
