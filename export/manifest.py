@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
+import secrets
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -91,16 +91,14 @@ class Manifest:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write DIR/manifest.json atomically (temp file, then rename)."""
         path = Path(directory) / MANIFEST_FILE
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
         try:
-            with os.fdopen(fd, "w") as f:
+            with open(tmp, "x") as f:  # a new file: mode 0o666 & ~umask, like the artifacts
                 json.dump(self.to_json(), f, indent=2)
                 f.write("\n")
-            os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            tmp.unlink(missing_ok=True)
         return path
 
 
