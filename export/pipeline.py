@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -16,6 +20,7 @@ from export.aoti import AOTI_PROGRAMS, package_and_verify
 from export.manifest import MANIFEST_FILE, Manifest
 from export.programs import Prompt
 from fh_compile.assets import FlashHeadAssets
+from fh_compile.cli import OutputDirError, check_out_dir  # noqa: F401  (one rule for every CLI)
 from fh_compile.compile import cached_assets
 from fh_compile.decode import DecodeStep
 from fh_compile.head import swap_head
@@ -43,10 +48,6 @@ LIMITATIONS = [
     "FlashHead ties: ONNX TopK orders equal centroid scores by lower cluster index; torch.topk "
     "does not promise an order, so with exactly equal centroid scores the probed set may differ.",
 ]
-
-
-class OutputDirError(ValueError):
-    """The output folder exists, is not empty, and --overwrite was not given."""
 
 
 @dataclass(frozen=True)
@@ -97,15 +98,6 @@ class ExportConfig:
         return max(0, min(self.verify_steps, self.max_seq_len - self.prompt_len - 1))
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse a file, or a non-empty folder without --overwrite (before any slow work)."""
-    if out.exists() and not out.is_dir():
-        raise OutputDirError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputDirError(f"--out {out} exists and is not empty; pass --overwrite to replace "
-                             f"its artifacts, or choose a new folder")
-
-
 def default_probes(assets: FlashHeadAssets, batch: int) -> int:
     """The largest probes <= 256 with which `batch` rows still take the FlashHead path."""
     V, C = assets.vocab_size, assets.cluster_size
@@ -131,15 +123,51 @@ def _fp32_cpu_step(model: torch.nn.Module, step: DecodeStep) -> DecodeStep:
                       k=step.k, kernels="torch")
 
 
+@contextmanager
+def _stage(what: str) -> Iterator[None]:
+    """Log the start of a stage and, when it ends, its seconds."""
+    log.info("%s ...", what)
+    t0 = time.perf_counter()
+    yield
+    log.info("%s: done in %.1f s", what, time.perf_counter() - t0)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (what mkdir(parents=True) creates)."""
+    missing = None
+    for p in (path.absolute(), *path.absolute().parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
 def run_export(cfg: ExportConfig) -> Manifest:
     """Write cfg.out/{prefill,decode}.pt2 [+ .aoti.pt2] [+ head.onnx, decode.onnx] and
     manifest.json.  Raises ModelLoadError, AssetError, OutputDirError, ValueError or
-    programs.ExportCheckError with a message that says what to change."""
+    programs.ExportCheckError with a message that says what to change.  A run that raises
+    removes the folders it created; a folder that existed before keeps what was written into it,
+    but no manifest.  Stages and their seconds are logged (logger `export`, level INFO)."""
     check_out_dir(cfg.out, cfg.overwrite)
-    model, _ = load_model(cfg.model, dtype=cfg.torch_dtype, device=cfg.device)
+    with _stage(f"loading {cfg.model} ({str(cfg.torch_dtype).removeprefix('torch.')}, "
+                f"{cfg.device})"):
+        model, _ = load_model(cfg.model, dtype=cfg.torch_dtype, device=cfg.device)
+    created = _first_missing(cfg.out)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    (cfg.out / MANIFEST_FILE).unlink(missing_ok=True)  # no stale manifest after a failed run
-    assets, assets_source = _assets_for(cfg, model)
+    try:
+        (cfg.out / MANIFEST_FILE).unlink(missing_ok=True)  # no stale manifest after a failed run
+        return _export_into(cfg, model)
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+            log.warning("export failed; removed %s, which this run had created", created)
+        raise
+
+
+def _export_into(cfg: ExportConfig, model: torch.nn.Module) -> Manifest:
+    """run_export's work once the model is loaded and cfg.out exists."""
+    with _stage("FlashHead assets"):
+        assets, assets_source = _assets_for(cfg, model)
     probes = cfg.probes or default_probes(assets, cfg.batch)
     k = cfg.k or min(64, probes * assets.min_cluster_size)
     swap_head(model, assets, probes=probes, k=k)
@@ -166,13 +194,21 @@ def run_export(cfg: ExportConfig) -> Manifest:
                             for n, t in step.named_buffers(recurse=False)}},
         limitations=list(LIMITATIONS))
 
-    progs, arts = programs.save_and_verify(step, cfg.out, prompt, cfg.steps, cfg.verify)
+    log.info("FlashHead probes=%d, k=%d; batch %d, cache length %d; writing to %s", probes, k,
+             cfg.batch, cfg.max_seq_len, cfg.out)
+    check = " and verification" if cfg.verify else ""
+    with _stage(f"torch.export of prefill and decode{check}"):
+        progs, arts = programs.save_and_verify(step, cfg.out, prompt, cfg.steps, cfg.verify)
     manifest.artifacts += arts
     if cfg.aoti:
-        manifest.artifacts += package_and_verify(step, progs, cfg.out, prompt, cfg.steps,
-                                                 cfg.verify, cfg.aoti_programs,
-                                                 cfg.aoti_eager_numerics)
+        with _stage(f"AOTInductor packages of {', '.join(cfg.aoti_programs)}{check} (compiles "
+                    f"C++ / Triton code: minutes)"):
+            manifest.artifacts += package_and_verify(step, progs, cfg.out, prompt, cfg.steps,
+                                                     cfg.verify, cfg.aoti_programs,
+                                                     cfg.aoti_eager_numerics)
+    onnx_t0 = time.perf_counter()
     if cfg.onnx:
+        log.info("ONNX head and decode step%s ...", check)
         step32 = _fp32_cpu_step(model, step)
         hidden = [step32.prefill_hidden(Prompt.make(cfg.batch, cfg.prompt_len, V, "cpu", s)
                                         .input_ids) for s in range(3)]
@@ -181,5 +217,9 @@ def run_export(cfg: ExportConfig) -> Manifest:
         manifest.artifacts.append(onnx_export.export_decode(
             step32, cfg.out / "decode.onnx", Prompt.make(cfg.batch, cfg.prompt_len, V, "cpu"),
             cfg.steps, cfg.device, cfg.verify))
+    if cfg.onnx:
+        log.info("ONNX head and decode step%s: done in %.1f s", check,
+                 time.perf_counter() - onnx_t0)
     manifest.save(cfg.out)
+    log.info("wrote %s", cfg.out / MANIFEST_FILE)
     return manifest

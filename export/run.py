@@ -1,12 +1,15 @@
 """Export a model with a FlashHead head: torch.export programs, AOTInductor packages, ONNX.
 
     python -m export.run --model PATH --out DIR [--assets DIR] [--probes N] [--batch B]
-        [--max-seq-len L] [--aoti] [--onnx] [--device cuda|cpu] [--no-verify] [--overwrite]
+        [--max-seq-len L] [--aoti] [--onnx] [--device cuda|cpu] [--no-verify] [--overwrite] [-q|-v]
+    (console script: fh-export)
 
 Writes DIR/prefill.pt2 and DIR/decode.pt2 (torch.export), DIR/{prefill,decode}.aoti.pt2 with
 --aoti, DIR/head.onnx and DIR/decode.onnx with --onnx, and DIR/manifest.json.  Exit status: 0 when
 every artifact was written and verified (or verification was skipped), 1 when a verification
 failed, 2 for bad arguments, a model that cannot be loaded, or a graph that breaks a check.
+Stages and their seconds are logged to stderr (-q: warnings only; -v: debug); the results table is
+printed to stdout.  A failed run removes the --out folder if it created it.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ from pathlib import Path
 from export.pipeline import DEFAULT_MODEL, DTYPES, ExportConfig, run_export
 from export.programs import ExportCheckError
 from fh_compile.assets import AssetError
+from fh_compile.cli import add_verbosity_flags, configure_logging
 from fh_compile.loading import ModelLoadError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m export.run", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m export.run (or fh-export)",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"Hugging Face folder, .gguf file, or hub id (default {DEFAULT_MODEL}; "
                         f"offline, pass a local folder or .gguf file)")
@@ -47,12 +52,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--onnx", action="store_true", help="also write head.onnx and decode.onnx")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip reloading and comparing the artifacts with the eager model")
-    p.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write over the files of an existing non-empty --out")
+    add_verbosity_flags(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    configure_logging(args.quiet, args.verbose)
     try:
         cfg = ExportConfig(out=args.out, model=args.model, assets=args.assets, probes=args.probes,
                            k=args.k, batch=args.batch, max_seq_len=args.max_seq_len,
