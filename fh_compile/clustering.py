@@ -33,11 +33,20 @@ tokens' retrieval when changing the schedule.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def _bar(iterable, desc: str):
+    """A progress bar shown when this logger is enabled for INFO (CLIs without -q, or after
+    logging.basicConfig(level=logging.INFO)), like the progress messages."""
+    return tqdm(iterable, desc=desc, leave=False, disable=not log.isEnabledFor(logging.INFO))
 
 
 REFINE_METRICS = ("euclidean", "cosine")
@@ -166,7 +175,7 @@ def spherical_kmeans(x: torch.Tensor, caps: torch.Tensor, valid: torch.Tensor, i
     M = caps.shape[1]
     cent = _kmeanspp_init(x, valid, M, generator)
     assign = None
-    for _ in tqdm(range(iters), desc=desc, leave=False):
+    for _ in _bar(range(iters), desc):
         sim = torch.bmm(x, cent.transpose(1, 2))                        # [G, N, M]
         new_assign = balanced_assign(sim, caps, valid)
         cent = _centroids(x, new_assign, M)
@@ -260,7 +269,7 @@ def cluster_rows(weight: torch.Tensor, cfg: ClusterConfig) -> torch.Tensor:
     # Euclidean: raw rows, raw mean centroids, similarity x . c - |c|^2 / 2.
     euclid = cfg.refine_metric == "euclidean"
     rows_r = weight.float() if euclid else x
-    for _ in tqdm(range(cfg.refine_iters), desc="flat refinement", leave=False):
+    for _ in _bar(range(cfg.refine_iters), "flat refinement"):
         if euclid:
             cent = _mean_rows(rows_r, cluster, sizes)
             bias = -0.5 * (cent * cent).sum(1)

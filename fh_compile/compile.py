@@ -156,11 +156,17 @@ class CompiledDecoder:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
             if name in self.compile_seconds:
                 return fn(tokens, finished)
+            mode = self.info.mode
+            if mode is not None:
+                log.info("compiling the decode step (torch.compile mode=%s, %s): the first call "
+                         "takes a while (minutes for a large model on CPU)", mode, name)
             t0 = time.perf_counter()
             out = fn(tokens, finished)
             if out[0].is_cuda:
                 torch.cuda.synchronize()
             self.compile_seconds[name] = time.perf_counter() - t0
+            if mode is not None:
+                log.info("compiled the decode step in %.1f s", self.compile_seconds[name])
             return out
 
         return call
@@ -249,11 +255,18 @@ def cached_assets(weight: torch.Tensor, cluster_size: int = 16,
         try:
             assets = FlashHeadAssets.load(folder)
             if assets.fingerprint == fingerprint and assets.cluster_size == cluster_size:
+                log.info("FlashHead assets: reusing %s", folder)
                 return assets, folder, False
             log.warning("assets in %s do not match this head; rebuilding", folder)
         except AssetError as e:
             log.warning("cached assets in %s are unusable (%s); rebuilding", folder, e)
+    V, D = weight.shape
+    log.info("FlashHead assets: clustering the [%d, %d] LM head into clusters of %d rows on %s "
+             "(once per head; about a minute on CPU for V = 50k); cache folder %s", V, D,
+             cluster_size, weight.device, folder)
+    t0 = time.perf_counter()
     assets = build_assets(weight, cluster_size=cluster_size, fingerprint=fingerprint,
                           **(build_kwargs or {}))
     assets.to("cpu").save(folder)
+    log.info("FlashHead assets: built in %.1f s, saved to %s", time.perf_counter() - t0, folder)
     return assets, folder, True

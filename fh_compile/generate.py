@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -77,15 +77,42 @@ def _decoder_for(model: nn.Module, rows: int, length: int) -> CompiledDecoder:
                                              path=step.path, mode=None, options=opts))
 
 
+def _prompt_tensors(input_ids: Any, attention_mask: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(input_ids, attention_mask) from a tensor, or from a BatchEncoding / dict holding them."""
+    if isinstance(input_ids, Mapping):
+        if "input_ids" not in input_ids:
+            raise TypeError(f"generate got a {type(input_ids).__name__} without 'input_ids' (keys "
+                            f"{sorted(input_ids)}); pass the tokenizer's output or a [B, T] tensor")
+        if attention_mask is not None and input_ids.get("attention_mask") is not None:
+            raise TypeError("attention_mask was passed twice (as an argument and inside the "
+                            "BatchEncoding / dict); pass it once")
+        if attention_mask is None:
+            attention_mask = input_ids.get("attention_mask")
+        input_ids = input_ids["input_ids"]
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a [B, T] int64 tensor or a BatchEncoding / dict with "
+                        f"'input_ids' (and 'attention_mask'), got {type(input_ids).__name__}; "
+                        f"e.g. tok.apply_chat_template(messages, add_generation_prompt=True, "
+                        f"return_dict=True, return_tensors='pt')")
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a [B, T] tensor or None, got "
+                        f"{type(attention_mask).__name__}")
+    return input_ids, attention_mask
+
+
 @torch.no_grad()
-def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+def generate(model: nn.Module, input_ids: torch.Tensor | Mapping[str, torch.Tensor],
+             attention_mask: torch.Tensor | None = None,
              *, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
              pad_token_id: int | None = None, seed: int | None = None, streamer: Any = None,
              stochastic_probing: bool = False, check_every: int = 8) -> GenerateResult:
     """Generate up to max_new_tokens per row; stops early once every row has emitted an eos.
 
-    input_ids [B, T] int64, attention_mask [B, T] (0 = left padding) or None.  eos_token_id /
+    input_ids [B, T] int64, attention_mask [B, T] (0 = left padding) or None; or, as input_ids,
+    a tokenizer's BatchEncoding / a dict holding both (`tok(..., return_tensors="pt")`,
+    `tok.apply_chat_template(..., return_dict=True, return_tensors="pt")`).  eos_token_id /
     pad_token_id None: from model.generation_config.  seed: torch.manual_seed(seed) first, so a
     seeded run repeats exactly (on the same device and compile mode).  streamer: an HF-style
     object with put(tensor) (the prompt first, then each new column [B]) and end().  Finished
@@ -93,6 +120,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     """
     sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k,
                               top_p=top_p, stochastic_probing=stochastic_probing)
+    input_ids, attention_mask = _prompt_tensors(input_ids, attention_mask)
     if input_ids.dim() != 2 or input_ids.dtype != torch.int64:
         raise ValueError(f"input_ids must be [B, T] int64, got {input_ids.dtype} "
                          f"{tuple(input_ids.shape)}")

@@ -10,8 +10,10 @@ A model spec is one of:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,9 @@ from fh_compile.assets import file_sha256
 DEFAULT_CACHE = Path("~/.cache/fh-models/hf")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _CACHE_MARKER = "fh_cache.json"
+HUB_PROBE_SECONDS = 3.0
+
+log = logging.getLogger(__name__)
 
 
 class ModelLoadError(ValueError):
@@ -80,12 +85,42 @@ def resolve_spec(spec: str | os.PathLike) -> ModelSpec:
     return ModelSpec("hub", hub_id=text)
 
 
-def _hub_error(hub_id: str, err: Exception) -> ModelLoadError:
+def hub_unreachable(timeout: float = HUB_PROBE_SECONDS) -> str | None:
+    """Why the Hugging Face hub cannot be used now, or None when it answers.
+
+    HF_HUB_OFFLINE=1 answers at once; otherwise one HTTP HEAD of the hub's endpoint (through
+    huggingface_hub's own session, so its proxy settings apply) must answer within `timeout`
+    seconds, name resolution included.  Any HTTP status counts as an answer.  This replaces a
+    minute of huggingface_hub's retries when there is no network.
+    """
+    from huggingface_hub import constants, get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            get_session().head(constants.ENDPOINT, timeout=timeout)
+            outcome.append(None)
+        except Exception as e:  # noqa: BLE001  any failure means: not usable now
+            outcome.append(f"{constants.ENDPOINT}: {type(e).__name__}: {e}")
+
+    # A thread, because a hanging DNS lookup is not bounded by the HTTP timeout.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    return outcome[0] if outcome else f"{constants.ENDPOINT} did not answer in {timeout:.0f} s"
+
+
+def _hub_error(hub_id: str, err: Exception, offline: str | None = None) -> ModelLoadError:
+    why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if offline:
+        why = f"the hub cannot be reached: {offline}; the local Hugging Face cache: {why}"
     return ModelLoadError(
-        f"could not load {hub_id!r} from the Hugging Face hub ({type(err).__name__}: "
-        f"{str(err).splitlines()[0] if str(err) else ''}). If you are offline, pass a local "
-        f"Hugging Face model folder or a .gguf file instead (and if {hub_id!r} was meant as a "
-        f"local path: it does not exist)")
+        f"could not load {hub_id!r} from the Hugging Face hub ({why}). If you are offline, pass "
+        f"a local Hugging Face model folder or a .gguf file instead (and if {hub_id!r} was meant "
+        f"as a local path: it does not exist)")
 
 
 def load_model(spec: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
@@ -104,11 +139,13 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
 
     src = resolve_spec(spec)
     if src.kind == "hub":
+        offline = hub_unreachable()  # then only the local cache, at once instead of retrying
         try:
-            tokenizer = AutoTokenizer.from_pretrained(src.hub_id)
-            model = AutoModelForCausalLM.from_pretrained(src.hub_id, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(src.hub_id, local_files_only=bool(offline))
+            model = AutoModelForCausalLM.from_pretrained(src.hub_id, dtype=dtype,
+                                                         local_files_only=bool(offline))
         except (OSError, ValueError) as e:  # connection, not found, invalid id, offline mode
-            raise _hub_error(src.hub_id, e) from e
+            raise _hub_error(src.hub_id, e, offline) from e
     elif src.kind == "hf_folder":
         tokenizer = AutoTokenizer.from_pretrained(src.folder)
         model = AutoModelForCausalLM.from_pretrained(src.folder, dtype=dtype)
