@@ -90,7 +90,8 @@ class Prefill(_StateAsInputs):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         with self.bound(state) as step:
-            out = head_topk(step.head, step.prefill_hidden(input_ids, attention_mask), step.k)
+            out = head_topk(step.head, step.prefill_hidden(input_ids, attention_mask), step.k,
+                            softcap=step.softcap)
         return out.ids, out.logits
 
 
@@ -118,12 +119,13 @@ class DecodeFunctional(_StateAsInputs):
 
 
 class HeadTopK(nn.Module):
-    """The LM head alone: forward(h [N, D]) -> (ids [N, k] int64, logits [N, k] fp32)."""
+    """The LM head alone: forward(h [N, D]) -> (ids [N, k] int64, logits [N, k] fp32), the
+    logits soft-capped when the model caps its final logits (Gemma 2)."""
 
-    def __init__(self, head: nn.Module, k: int) -> None:
+    def __init__(self, head: nn.Module, k: int, softcap: float | None = None) -> None:
         super().__init__()
-        self.head, self.k = head, k
+        self.head, self.k, self.softcap = head, k, softcap
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = head_topk(self.head, h, self.k)
+        out = head_topk(self.head, h, self.k, softcap=self.softcap)
         return out.ids, out.logits

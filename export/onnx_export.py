@@ -76,11 +76,11 @@ def ids_agree(ref_ids: np.ndarray, ref_logits: np.ndarray, got_ids: np.ndarray,
 
 
 def export_head(head: torch.nn.Module, k: int, hidden: list[torch.Tensor], path: Path,
-                device: str, verify: bool) -> Artifact:
+                device: str, verify: bool, softcap: float | None = None) -> Artifact:
     """The head alone: h [N, D] fp32 -> ids [N, k] int64, logits [N, k] fp32.  `hidden` are fp32
     CPU hidden states [N, D]: the first is the export example, all are compared."""
     t0 = time.perf_counter()
-    module = HeadTopK(head, k).eval()
+    module = HeadTopK(head, k, softcap).eval()
     with torch.no_grad():
         program = torch.export.export(module, (hidden[0],), strict=False)
     nodes = check_one_flashhead_node(program, "head")

@@ -213,7 +213,8 @@ def _export_into(cfg: ExportConfig, model: torch.nn.Module) -> Manifest:
         hidden = [step32.prefill_hidden(Prompt.make(cfg.batch, cfg.prompt_len, V, "cpu", s)
                                         .input_ids) for s in range(3)]
         manifest.artifacts.append(onnx_export.export_head(
-            step32.head, k, hidden, cfg.out / "head.onnx", cfg.device, cfg.verify))
+            step32.head, k, hidden, cfg.out / "head.onnx", cfg.device, cfg.verify,
+            step32.softcap))
         manifest.artifacts.append(onnx_export.export_decode(
             step32, cfg.out / "decode.onnx", Prompt.make(cfg.batch, cfg.prompt_len, V, "cpu"),
             cfg.steps, cfg.device, cfg.verify))

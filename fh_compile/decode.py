@@ -47,7 +47,7 @@ from custom_ops import FlashHeadTopK
 from fh_compile.arch import UnsupportedArchitecture
 from fh_compile.fast_decoder import FastDecoder
 from fh_compile.head import FlashHeadLMHead, _output_embeddings
-from fh_compile.sampling import SamplingConfig, sample_candidates
+from fh_compile.sampling import SamplingConfig, gumbel_probe_noise, sample_candidates
 
 log = logging.getLogger(__name__)
 
@@ -55,26 +55,37 @@ FORWARDS = ("auto", "fast", "hf")
 
 
 def head_topk(head: nn.Module, h: torch.Tensor, k: int,
-              centroid_noise: torch.Tensor | None = None) -> FlashHeadTopK:
+              centroid_noise: torch.Tensor | None = None,
+              softcap: float | None = None) -> FlashHeadTopK:
     """h [N, D] -> FlashHeadTopK(ids [N, k] int64, logits [N, k] fp32), best first.
 
     A FlashHeadLMHead runs its own path (FlashHead or dense); any other head is a dense
-    nn.Linear-like module whose full fp32 logits are reduced with torch.topk.
+    nn.Linear-like module whose full fp32 logits are reduced with torch.topk.  softcap: the
+    model's final logit soft-capping (Gemma 2: cap * tanh(logit / cap)), applied to the returned
+    logits exactly as transformers applies it to the dense logits (the order is unchanged).
     """
     if isinstance(head, FlashHeadLMHead):
-        return head.topk(h, k, centroid_noise)
-    logits = nn.functional.linear(h, head.weight, getattr(head, "bias", None)).float()  # [N, V]
-    vals, ids = logits.topk(k, dim=-1)
-    return FlashHeadTopK(ids, vals)
+        out = head.topk(h, k, centroid_noise)
+    else:
+        logits = nn.functional.linear(h, head.weight, getattr(head, "bias", None)).float()
+        vals, ids = logits.topk(k, dim=-1)                               # [N, k]
+        out = FlashHeadTopK(ids, vals)
+    if softcap:
+        out = FlashHeadTopK(out.ids, torch.tanh(out.logits / softcap) * softcap)
+    return out
 
 
-def head_next_tokens(head: nn.Module, h: torch.Tensor, sampling: SamplingConfig,
-                     k: int) -> torch.Tensor:
+def head_next_tokens(head: nn.Module, h: torch.Tensor, sampling: SamplingConfig, k: int,
+                     softcap: float | None = None) -> torch.Tensor:
     """h [N, D] -> next token ids [N] int64.  Sampling draws among the k best candidates of
-    either head, so FlashHead and dense A/B runs share one sampling pipeline."""
-    if isinstance(head, FlashHeadLMHead):
-        return head.next_tokens(h, sampling)
-    cand = head_topk(head, h, 1 if not sampling.do_sample else k)
+    either head (soft-capped like the model's logits), so FlashHead and dense A/B runs share one
+    sampling pipeline; stochastic probing draws FlashHead's probed clusters with Gumbel noise."""
+    noise = None
+    if (isinstance(head, FlashHeadLMHead) and sampling.stochastic_probing
+            and head.path_for(h.shape[0]) == "flashhead"):
+        noise = gumbel_probe_noise(h.shape[0], head.fh_centroids.shape[0], sampling.temperature,
+                                   h.device)
+    cand = head_topk(head, h, 1 if not sampling.do_sample else k, noise, softcap)
     return sample_candidates(cand.ids, cand.logits, sampling)
 
 
@@ -128,6 +139,7 @@ class DecodeStep(nn.Module):
         device = torch.device(device) if device is not None else weight.device
         self.model = model
         self.max_batch_size, self.max_cache_len, self.k = max_batch_size, max_cache_len, k
+        self.softcap: float | None = getattr(config, "final_logit_softcapping", None)
         self.fast: FastDecoder | None = None
         reason = None
         if forward != "hf":
@@ -259,11 +271,12 @@ class DecodeStep(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> FlashHeadTopK:
         """input_ids [B, 1] int64 -> FlashHeadTopK(ids [B, k], logits [B, k] fp32)."""
-        return head_topk(self.head, self.hidden(input_ids), self.k)
+        return head_topk(self.head, self.hidden(input_ids), self.k, softcap=self.softcap)
 
     def next_tokens(self, input_ids: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
         """input_ids [B, 1] int64 -> next token ids [B] int64 (greedy or sampled)."""
-        return head_next_tokens(self.head, self.hidden(input_ids), sampling, self.k)
+        return head_next_tokens(self.head, self.hidden(input_ids), sampling, self.k,
+                                self.softcap)
 
     @torch.no_grad()
     def prefill_hidden(self, input_ids: torch.Tensor,
@@ -304,7 +317,8 @@ class DecodeStep(nn.Module):
                 attention_mask: torch.Tensor | None = None) -> FlashHeadTopK:
         """Reset and run the prompt -> FlashHeadTopK of the last position (ids, logits [B, k])."""
         with torch.no_grad():
-            return head_topk(self.head, self.prefill_hidden(input_ids, attention_mask), self.k)
+            return head_topk(self.head, self.prefill_hidden(input_ids, attention_mask), self.k,
+                             softcap=self.softcap)
 
     def extra_repr(self) -> str:
         return (f"max_batch_size={self.max_batch_size}, max_cache_len={self.max_cache_len}, "

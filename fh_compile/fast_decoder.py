@@ -104,6 +104,14 @@ class FastLayer(nn.Module):
             _share(gu, self.w13, None)
 
 
+def _unshare(linears: list[nn.Module]) -> None:
+    """Give each linear its own copy of its weight (and bias) again."""
+    for m in linears:
+        m.weight.data = m.weight.data.clone()
+        if m.bias is not None:
+            m.bias.data = m.bias.data.clone()
+
+
 def _share(linears: list[nn.Module], fused_w: torch.Tensor, fused_b: torch.Tensor | None) -> None:
     """Re-point each linear's weight (and bias) to its rows of the fused tensor: same values, one
     copy in memory."""
@@ -139,6 +147,15 @@ class FastDecoder(nn.Module):
         self.register_buffer("final_norm", body.norm.weight.detach().to(device, dtype),
                              persistent=False)
         self.dtype, self.shared = dtype, share
+
+    def unshare(self, model: nn.Module) -> None:
+        """Undo the weight sharing on `model` (its q/k/v and gate/up linears own their weights
+        again); this decoder keeps its fused copies."""
+        if self.shared:
+            for layer in model.base_model.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                _unshare([attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj])
+            self.shared = False
 
     # -- shared pieces ------------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

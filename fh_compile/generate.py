@@ -154,7 +154,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor | Mapping[str, torch.Tens
     mask = None if attention_mask is None else attention_mask.to(device)[rows.to(device)]
 
     t0 = time.perf_counter()
-    tok = head_next_tokens(step.head, step.prefill_hidden(ids, mask), sampling, step.k)  # [Bmax]
+    tok = head_next_tokens(step.head, step.prefill_hidden(ids, mask), sampling, step.k,
+                           step.softcap)                                # [Bmax]
     eos_t = torch.tensor(eos or (-1,), device=device)
     finished = (tok.unsqueeze(1) == eos_t).any(dim=1)                   # [Bmax] bool
     gen = torch.full((step.max_batch_size, max_new_tokens), pad, dtype=torch.int64, device=device)
