@@ -85,13 +85,19 @@ def default_config(N: int, K: int, B: int) -> GemvConfig:
     return GemvConfig(block_b, block_n, 256 if block_b < 64 else 128, num_warps=4, num_stages=3)
 
 
-def pick_config(N: int, K: int, B: int, dtype: torch.dtype) -> GemvConfig:
-    """GEMV_CONFIGS entry (else `default_config`), block_k fitted to K and the dtype."""
-    entry = GEMV_CONFIGS.get((N, K, batch_bucket(B)))
-    cfg = GemvConfig(*entry) if entry is not None else default_config(N, K, B)
+def fit_config(cfg: GemvConfig, K: int, dtype: torch.dtype) -> GemvConfig:
+    """cfg with block_k in elements of dtype (table block_k counts 16-bit ones), <= K's
+    next power of two."""
     block_k = cfg.block_k // 2 if dtype == torch.float32 else cfg.block_k
     block_k = max(16, min(block_k, triton.next_power_of_2(K)))
     return GemvConfig(cfg.block_b, cfg.block_n, block_k, cfg.num_warps, cfg.num_stages)
+
+
+def pick_config(N: int, K: int, B: int, dtype: torch.dtype) -> GemvConfig:
+    """The GEMV_CONFIGS entry of (N, K, B's bucket), else `default_config`, fitted to K."""
+    entry = GEMV_CONFIGS.get((N, K, batch_bucket(B)))
+    return fit_config(GemvConfig(*entry) if entry is not None else default_config(N, K, B), K,
+                      dtype)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
