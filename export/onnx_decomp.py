@@ -8,8 +8,9 @@ two candidate logits tie to the last fp32 bit) and on logits to fp32 rounding:
     scores  = h @ centroids^T (+ noise)                      MatMul, Add          [B, K]
     sel     = top-P clusters                                 TopK                 [B, P]
     rows    = offsets[sel] + slot, slot < cluster length     Gather, Range, Less, Where
-    logits  = rows of weight . h, -inf on padding slots      Gather, MatMul, Where  [B, P*C]
-    ids     = token_ids[rows]                                Gather               [B, P*C]
+    (+ always rows: appended, once each)                     Equal, ReduceSum, Concat [B, N]
+    logits  = rows of weight . h, -inf on padding slots      Gather, MatMul, Where  [B, N]
+    ids     = token_ids[rows]                                Gather               [B, N]
     top-k by logit, equal logits by smallest id              TopK, GatherElements [B, k]
 
 Ties: ONNX TopK puts the lower index first among equal values (spec, opset >= 11, and
@@ -32,9 +33,11 @@ def _ints(*values: int):
 
 
 def flashhead_topk_onnx(h, centroids, weight, offsets, token_ids, probes: int,
-                        cluster_size: int, k: int, centroid_noise=None):
+                        cluster_size: int, k: int, centroid_noise=None, always_ids=None,
+                        always_rows=None):
     """h [B, D]; centroids [K, D]; weight [V, D] (reordered); offsets [K + 1] int64; token_ids
-    [V] int64; centroid_noise [B, K] or None -> (ids [B, k] int64, logits [B, k] fp32)."""
+    [V] int64; centroid_noise [B, K] or None; always_ids [A] int64 or None and always_rows [A]
+    int64 or None (see `_with_always_rows`) -> (ids [B, k] int64, logits [B, k] fp32)."""
     FLOAT = 1  # onnx.TensorProto.FLOAT
     hf = op.Cast(h, to=FLOAT)                                           # [B, D] fp32
     scores = op.MatMul(hf, op.Transpose(op.Cast(centroids, to=FLOAT), perm=[1, 0]))  # [B, K]
@@ -52,18 +55,47 @@ def flashhead_topk_onnx(h, centroids, weight, offsets, token_ids, probes: int,
     flat = _ints(0, -1)  # keep B, merge P and C
     rows = op.Reshape(rows, flat)                                       # [B, N] N = P * C
     valid = op.Reshape(valid, flat)
+    if always_ids is not None:
+        rows, valid = _with_always_rows(rows, valid, token_ids, always_ids, always_rows)
 
     cand = op.Cast(op.Gather(weight, rows, axis=0), to=FLOAT)           # [B, N, D]
     logits = op.Squeeze(op.MatMul(cand, op.Unsqueeze(hf, _ints(-1))), _ints(-1))  # [B, N]
     logits = op.Where(valid, logits, op.Constant(value_float=float("-inf")))
     ids = op.Gather(token_ids, rows, axis=0)                            # [B, N] int64
 
-    n = _ints(probes * cluster_size)
+    n = op.Shape(ids, start=1, end=2)                                   # [1]: N
     _, by_id = op.TopK(op.Cast(ids, to=FLOAT), n, axis=1, largest=0, sorted=1)  # ascending ids
     logits = op.GatherElements(logits, by_id, axis=1)
     ids = op.GatherElements(ids, by_id, axis=1)
     top_logits, best = op.TopK(logits, _ints(k), axis=1, largest=1, sorted=1)  # [B, k]
     return op.GatherElements(ids, best, axis=1), top_logits
+
+
+def _with_always_rows(rows, valid, token_ids, always_ids, always_rows):
+    """The candidates with the always-scored rows appended, as custom_ops/reference.py does:
+    rows, valid [B, N] -> [B, N + A], an always row inside a probed cluster (or listed twice)
+    scored once; rows of invalid slots 0.  always_rows None: looked up through the inverse
+    permutation (ScatterElements over token_ids, O(V) per call)."""
+    INT64, BOOL = 7, 9  # onnx.TensorProto.INT64 / BOOL
+    zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
+    if always_rows is None:
+        V = op.Squeeze(op.Shape(token_ids), _ints(0))
+        inverse = op.ScatterElements(op.Mul(token_ids, zero), token_ids, op.Range(zero, V, one),
+                                     axis=0)                            # [V] vocab id -> row
+        always_rows = op.Gather(inverse, always_ids, axis=0)            # [A]
+    # ReduceSum (an empty list sums to 0, where ReduceMax would give the type's minimum).
+    hit = op.ReduceSum(op.Cast(op.Equal(op.Unsqueeze(rows, _ints(-1)), always_rows), to=INT64),
+                       _ints(-1), keepdims=0)                           # [B, N]
+    valid = op.And(valid, op.Not(op.Cast(hit, to=BOOL)))
+    slot = op.Range(zero, op.Squeeze(op.Shape(always_rows), _ints(0)), one)          # [A]
+    earlier = op.And(op.Equal(op.Unsqueeze(always_rows, _ints(1)), always_rows),
+                     op.Less(slot, op.Unsqueeze(slot, _ints(1))))       # [A, A]: j < i, same
+    first = op.Not(op.Cast(op.ReduceSum(op.Cast(earlier, to=INT64), _ints(-1), keepdims=0),
+                           to=BOOL))                                    # [A]
+    shape = op.Concat(op.Shape(rows, start=0, end=1), op.Shape(always_rows), axis=0)  # [B, A]
+    rows = op.Concat(rows, op.Expand(op.Unsqueeze(always_rows, _ints(0)), shape), axis=1)
+    valid = op.Concat(valid, op.Expand(op.Unsqueeze(first, _ints(0)), shape), axis=1)
+    return op.Where(valid, rows, zero), valid
 
 
 def translation_table() -> dict:

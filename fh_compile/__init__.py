@@ -1,13 +1,15 @@
 """FlashHead-compile: a retrieval LM head as a torch.library op, compiled and exported.
 
 Main entry points: build_assets (offline clustering), swap_head (install the head on a model
-instance), compile_model (head + torch.compile), generate (compiled static-cache decode loop).
+instance), compile_model (head + torch.compile), generate (compiled static-cache decode loop),
+always_scored_ids (the end-of-turn / eos ids FlashHead scores at every step).
 Command line: `python -m fh_compile build-assets ...` (fh_compile.cli).  Progress is logged (stages,
 seconds, folders) at level INFO: `logging.basicConfig(level=logging.INFO)` shows it.
 """
 
 import warnings
 
+from fh_compile.always import always_scored_ids
 from fh_compile.assets import AssetError, FlashHeadAssets, weight_fingerprint
 from fh_compile.build_assets import build_assets
 from fh_compile.compile import CompileInfo, compile_model
@@ -25,4 +27,4 @@ warnings.filterwarnings("ignore", message=r"'fh_compile\.build_assets' found in 
 __all__ = ["AssetError", "FlashHeadAssets", "weight_fingerprint", "build_assets",
            "FlashHeadConfig", "FlashHeadLMHead", "restore_dense_head", "swap_head",
            "SamplingConfig", "compile_model", "CompileInfo", "generate", "GenerateResult",
-           "ModelLoadError", "load_model"]
+           "ModelLoadError", "load_model", "always_scored_ids"]

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from fh_compile.always import check_always_ids
+
 FORMAT_VERSION = 1
 TENSORS_FILE = "flashhead.safetensors"
 HEADER_FILE = "flashhead.json"
@@ -47,6 +49,9 @@ class FlashHeadAssets:
     weight:    [V, D]      LM-head rows reordered so that cluster c owns rows offsets[c]:offsets[c+1]
     offsets:   [K + 1] int64, CSR-style, offsets[0] = 0, offsets[K] = V, non-decreasing
     token_ids: [V] int64   vocabulary id of each reordered row (a permutation of 0..V-1)
+    always_ids: vocabulary ids scored at every step whatever the probes (end-of-turn / eos
+               tokens, fh_compile.always), sorted; None: not recorded (assets built before the
+               field existed), so the head takes them from the model.
     """
 
     centroids: torch.Tensor
@@ -56,9 +61,15 @@ class FlashHeadAssets:
     cluster_size: int
     fingerprint: str
     params: dict[str, Any] = field(default_factory=dict)
+    always_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         V, D = self.weight.shape
+        if self.always_ids is not None:
+            try:
+                self.always_ids = check_always_ids(self.always_ids, V)
+            except (TypeError, ValueError) as e:
+                raise AssetError(f"always_ids: {e}") from e
         K = self.centroids.shape[0]
         if self.centroids.shape != (K, D):
             raise AssetError(f"centroids must be [K, {D}], got {tuple(self.centroids.shape)}")
@@ -96,7 +107,8 @@ class FlashHeadAssets:
             weight=self.weight.to(device=device, dtype=dtype),
             offsets=self.offsets.to(device=device),
             token_ids=self.token_ids.to(device=device),
-            cluster_size=self.cluster_size, fingerprint=self.fingerprint, params=dict(self.params))
+            cluster_size=self.cluster_size, fingerprint=self.fingerprint, params=dict(self.params),
+            always_ids=None if self.always_ids is None else list(self.always_ids))
 
     # -- integrity -----------------------------------------------------------------------------
     def validate(self) -> None:
@@ -149,6 +161,7 @@ class FlashHeadAssets:
             "dtype": str(self.weight.dtype).removeprefix("torch."),
             "fingerprint": self.fingerprint,
             "params": self.params,
+            "always_ids": self.always_ids,
             "tensors_sha256": None,  # filled by save()
         }
 
@@ -204,7 +217,7 @@ class FlashHeadAssets:
             raise AssetError(f"{ten_path} lacks tensors {missing}; rebuild the assets")
         assets = cls(**{n: tensors[n] for n in _TENSOR_NAMES},
                      cluster_size=int(header["cluster_size"]), fingerprint=header["fingerprint"],
-                     params=header.get("params", {}))
+                     params=header.get("params", {}), always_ids=header.get("always_ids"))
         expect = (header["vocab_size"], header["hidden_size"], header["num_clusters"])
         if (assets.vocab_size, assets.hidden_size, assets.num_clusters) != expect:
             raise AssetError(f"{ten_path} shapes (V, D, K)="

@@ -19,7 +19,7 @@ import time
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -195,12 +195,17 @@ def compile_model(model: nn.Module, assets: FlashHeadAssets | None = None, *, pr
                   kernel: str = "triton", max_batch_size: int = 1, max_cache_len: int = 2048,
                   dense_above_rows: int | None = None, cluster_size: int = 16, fuse: bool = False,
                   cache_dir: str | os.PathLike | None = None,
-                  build_kwargs: dict[str, Any] | None = None) -> nn.Module:
+                  build_kwargs: dict[str, Any] | None = None,
+                  always_ids: Sequence[int] | None = None) -> nn.Module:
     """Install FlashHead on THIS model and compile its static-cache decode step; returns model.
 
     assets: FlashHead assets for this model's head; None builds them once and caches them under
     `cache_dir` (default ~/.cache/fh-compile/assets)/<fingerprint>-c<cluster_size>, reused
     next time.  build_kwargs go to build_assets (e.g. coarse_iters=4, fine_iters=4).
+    always_ids: vocabulary ids FlashHead scores at every step (end-of-turn / eos tokens, so
+    generation stops where the dense head stops); None: the assets' recorded list and the
+    model's eos ids (see swap_head; fh_compile.always_scored_ids(model, tokenizer) adds the
+    tokenizer's end-of-turn tokens); [] for none.
     flashhead=False keeps (or restores) the dense head in the same pipeline, for A/B runs.
     mode: a torch.compile mode ("max-autotune" gives CUDA graphs on GPU), or None for eager.
     fuse: compile body + head as one graph (default: the body once, the head per setting).
@@ -231,7 +236,7 @@ def compile_model(model: nn.Module, assets: FlashHeadAssets | None = None, *, pr
         if assets is None:
             assets, assets_dir, built = cached_assets(weight, cluster_size, cache_dir, build_kwargs)
         swap_head(model, assets, probes=probes, k=k, dense_above_rows=dense_above_rows,
-                  kernel=kernel)
+                  kernel=kernel, always_ids=always_ids)
         fingerprint = assets.fingerprint
     step = DecodeStep(model, max_batch_size=max_batch_size, max_cache_len=max_cache_len, k=k)
     info = CompileInfo(head="flashhead" if flashhead else "dense", path=step.path, mode=mode,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from custom_ops import FlashHeadTopK, flashhead_reference, flashhead_topk
+from fh_compile.always import always_scored_ids, check_always_ids
 from fh_compile.assets import FlashHeadAssets
 from fh_compile.sampling import SamplingConfig, gumbel_probe_noise, sample_candidates
 
@@ -67,9 +68,15 @@ class FlashHeadLMHead(nn.Module):
 
     Buffers are named fh_* (not `weight`) so that Hugging Face weight tying can never overwrite
     the reordered rows.
+
+    always_ids: vocabulary ids scored at every step whatever the probes (end-of-turn / eos
+    tokens, see fh_compile.always), held as fixed-size buffers fh_always_ids [A] int64 and
+    fh_always_rows [A] int64 (their rows in fh_rows, found once here through the inverse
+    permutation, so a step costs A * D more weight bytes and no lookup).  Empty: none.
     """
 
-    def __init__(self, assets: FlashHeadAssets, config: FlashHeadConfig) -> None:
+    def __init__(self, assets: FlashHeadAssets, config: FlashHeadConfig,
+                 always_ids: Sequence[int] = ()) -> None:
         super().__init__()
         K, C = assets.num_clusters, assets.cluster_size
         if config.probes > K:
@@ -88,6 +95,10 @@ class FlashHeadLMHead(nn.Module):
         inv = torch.empty_like(assets.token_ids)
         inv[assets.token_ids] = torch.arange(assets.vocab_size, device=inv.device)
         self.register_buffer("fh_inverse", inv)                        # vocab id -> row
+        self.always_ids = tuple(check_always_ids(always_ids, assets.vocab_size))
+        ids = torch.tensor(self.always_ids, dtype=torch.int64, device=inv.device)
+        self.register_buffer("fh_always_ids", ids)                     # [A] int64 vocab ids
+        self.register_buffer("fh_always_rows", inv[ids])               # [A] int64 their rows
 
     # -- which path runs ------------------------------------------------------------------------
     def path_for(self, rows: int) -> str:
@@ -121,14 +132,17 @@ class FlashHeadLMHead(nn.Module):
         if path == "dense":
             vals, ids = self.dense_logits(h).topk(k, dim=-1)
             return FlashHeadTopK(ids, vals)
+        always, rows = ((self.fh_always_ids, self.fh_always_rows) if self.always_ids
+                        else (None, None))
         if self.config.kernel == "reference":
             ids, logits = flashhead_reference(h, self.fh_centroids, self.fh_rows, self.fh_offsets,
                                               self.fh_token_ids, self.config.probes,
-                                              self.cluster_size, k, centroid_noise)
+                                              self.cluster_size, k, centroid_noise, always, rows)
             return FlashHeadTopK(ids, logits)
         return flashhead_topk(h, self.fh_centroids, self.fh_rows, self.fh_offsets,
                               self.fh_token_ids, probes=self.config.probes,
-                              cluster_size=self.cluster_size, k=k, centroid_noise=centroid_noise)
+                              cluster_size=self.cluster_size, k=k, centroid_noise=centroid_noise,
+                              always_ids=always, always_rows=rows)
 
     def next_tokens(self, h: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
         """h [N, D] -> next token ids [N] int64 (greedy or sampled over the candidates)."""
@@ -153,16 +167,21 @@ class FlashHeadLMHead(nn.Module):
     def extra_repr(self) -> str:
         return (f"V={self.out_features}, D={self.in_features}, K={self.fh_centroids.shape[0]}, "
                 f"C={self.cluster_size}, probes={self.config.probes}, k={self.config.k}, "
-                f"enabled={self.config.enabled}, kernel={self.config.kernel}")
+                f"enabled={self.config.enabled}, kernel={self.config.kernel}, "
+                f"always_ids={list(self.always_ids)}")
 
 
 def swap_head(model: nn.Module, assets: FlashHeadAssets, *, probes: int = 256, k: int = 64,
               dense_above_rows: int | None = None, enabled: bool = True, kernel: str = "triton",
-              check_fingerprint: bool = True) -> FlashHeadLMHead:
+              check_fingerprint: bool = True,
+              always_ids: Sequence[int] | None = None) -> FlashHeadLMHead:
     """Install a FlashHeadLMHead as THIS model's output embedding; returns it.
 
     The assets must match the model's head (fingerprint), and are moved to the head's device and
     dtype.  `restore_dense_head(model)` puts the original head back.
+    always_ids: vocabulary ids scored at every step whatever the probes; None: the assets' list
+    (recorded by the builder, with the tokenizer's end-of-turn tokens) together with the model's
+    eos ids (generation_config and config, `always_scored_ids(model)`); [] for none.
     """
     dense = _output_embeddings(model)
     if isinstance(dense, FlashHeadLMHead):
@@ -171,9 +190,11 @@ def swap_head(model: nn.Module, assets: FlashHeadAssets, *, probes: int = 256, k
         raise ValueError("LM heads with a bias are not supported by FlashHead")
     if check_fingerprint:
         assets.check_matches(dense.weight)
+    if always_ids is None:
+        always_ids = sorted(set(assets.always_ids or ()) | set(always_scored_ids(model)))
     head = FlashHeadLMHead(assets.to(dense.weight.device, dense.weight.dtype),
                            FlashHeadConfig(probes=probes, k=k, dense_above_rows=dense_above_rows,
-                                           enabled=enabled, kernel=kernel))
+                                           enabled=enabled, kernel=kernel), always_ids)
     head._dense_head = [dense]  # a list: keeps the original out of the module tree / state_dict
     model.set_output_embeddings(head)
     return head

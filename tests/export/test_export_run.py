@@ -60,6 +60,26 @@ def test_saved_programs_hold_one_flashhead_node(exported):
                    for n in program.graph.nodes) == 1
 
 
+def test_programs_and_onnx_models_carry_the_always_ids(exported):
+    """The tiny model's eos id (config.eos_token_id = V - 1) is scored at every step: each
+    program's FlashHead node takes the head's always ids and rows, the ONNX models hold the rows."""
+    from onnx import load, numpy_helper
+
+    folder, assets, out, _ = exported
+    head = tiny_step(folder, assets).head
+    assert head.always_ids == (head.out_features - 1,)
+    for name in ("prefill", "decode"):
+        program = torch.export.load(out / f"{name}.pt2")
+        node = next(n for n in program.graph.nodes if n.target is torch.ops.flashhead.topk.default)
+        buffers = program.graph_signature.inputs_to_buffers
+        held = [program.state_dict[buffers[arg.name]] for arg in node.args[9:11]]
+        assert torch.equal(held[0], head.fh_always_ids) and torch.equal(held[1], head.fh_always_rows)
+    for name in ("head.onnx", "decode.onnx"):
+        rows = [numpy_helper.to_array(t) for t in load(out / name).graph.initializer
+                if t.name.endswith("fh_always_rows")]
+        assert len(rows) == 1 and rows[0].tolist() == head.fh_always_rows.tolist()
+
+
 @pytest.mark.parametrize("length", [1, 5, MAX_SEQ_LEN - 7])
 def test_loaded_programs_reproduce_eager_tokens(exported, length):
     folder, assets, out, _ = exported

@@ -78,3 +78,39 @@ def test_onnx_orders_exact_ties_by_smallest_id(fresh_seed, tmp_path):
     assert (np.diff(ref_logits, axis=1) == 0).any(), "the layout should produce exact ties"
     np.testing.assert_array_equal(logits, ref_logits)
     np.testing.assert_array_equal(ids, ref_ids)
+
+
+class AlwaysModule(OpModule):
+    """OpModule with always-scored ids (and their rows, or the lookup inside the graph)."""
+
+    def __init__(self, centroids, weight, offsets, token_ids, always, with_rows: bool) -> None:
+        super().__init__(centroids, weight, offsets, token_ids, noise=True)
+        inverse = torch.argsort(token_ids)                               # vocab id -> row
+        self.register_buffer("always", always)
+        self.register_buffer("rows", inverse[always] if with_rows else None)
+
+    def forward(self, h, noise):
+        return torch.ops.flashhead.topk(h, self.centroids, self.weight, self.offsets,
+                                        self.token_ids, P, C, KTOP, noise, self.always, self.rows)
+
+
+@pytest.mark.parametrize("with_rows", [True, False])
+def test_onnx_matches_op_with_always_ids(with_rows, fresh_seed, tmp_path):
+    from custom_ops.reference import select_clusters
+
+    centroids, weight, offsets, token_ids = layout(torch.float32)
+    h = torch.randn(3, D)
+    noise = torch.zeros(3, -(-V // C))
+    c = int(select_clusters(h, centroids, P)[0, 0])                      # probed by row 0
+    inside = token_ids[int(offsets[c]):int(offsets[c]) + 2]
+    # A row beyond the probes with the largest logit of every row: only the always ids find it.
+    far = next(c for c in range(len(offsets) - 1)
+               if c not in set(select_clusters(h, centroids, P + 1).flatten().tolist()))
+    weight[int(offsets[far])] = 20.0 * torch.nn.functional.normalize(h, dim=1).sum(0)
+    eos = token_ids[int(offsets[far])]
+    always = torch.stack([eos, inside[0], inside[1], torch.tensor(17), torch.tensor(17)])
+    module = AlwaysModule(centroids, weight, offsets, token_ids, always, with_rows)
+    (ref_ids, ref_logits), (ids, logits) = run_both(module, h, noise, tmp_path)
+    assert (ref_ids[:, 0] == int(eos)).all(), "the planted always id is every row's top-1"
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
