@@ -1,4 +1,4 @@
-"""The fused decode linears: `torch.ops.flashhead.rms_norm_linear` and `torch.ops.flashhead.act_linear`.
+"""The fused decode linears: torch.ops.flashhead.rms_norm_linear and torch.ops.flashhead.act_linear.
 
 Layout of this file: input checks, the torch.library registrations (`triton_op`, so Inductor sees
 the Triton kernels of custom_ops/fused_linear_triton.py on CUDA; on CPU the body runs the PyTorch

@@ -1,6 +1,6 @@
-"""The ONNX translations of flashhead::rms_norm_linear and flashhead::act_linear (export/onnx_decomp.py)
-against the ops (the PyTorch references on CPU), in onnxruntime: odd shapes, fp32 and fp16, every
-optional input and activation."""
+"""The ONNX translations of flashhead::rms_norm_linear and flashhead::act_linear
+(export/onnx_decomp.py) against the ops (the PyTorch references on CPU), in onnxruntime: odd
+shapes, fp32 and fp16, every optional input and activation."""
 
 from __future__ import annotations
 
