@@ -98,7 +98,8 @@ def run(cfg: ExportTimesConfig, on_row: Callable[[dict, list[dict]], None] | Non
     import transformers
     import triton
 
-    from benchmarks.tpot import r1_distill_qwen_1p5b, step_bytes
+    from benchmarks.random_models import r1_distill_qwen_1p5b
+    from benchmarks.step_cost import step_bytes
     from export.aoti import load, package
     from export.modules import Prefill, new_state
     from export.programs import (Prompt, check_one_flashhead_node, compare_tokens, eager_tokens,

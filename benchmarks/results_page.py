@@ -178,8 +178,11 @@ def latency_section(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 
 def tpot_section(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    """ms per output token by head, one line per (exec, B), speedups against dense."""
+    """ms per output token by variant, one table per (B, cache length) with kernels per step,
+    byte floor and achieved bandwidth (benchmarks.tpot); older files: by head and exec."""
     rows = [r for r in rows if not r.get("skipped")]
+    if rows and "variant" in rows[0]:
+        return tpot_variants_section(meta, rows)
     if not rows or not all(k in rows[0] for k in ("head", "B", "tpot_ms")):
         return latency_section(meta, rows)
     heads = list(dict.fromkeys(r["head"] for r in rows))
@@ -198,6 +201,31 @@ def tpot_section(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     return out + (f"\nModel: {model}, dtype {meta.get('dtype', '?')}.\n" if model else "") + \
         "\n" + runs + "\n<details><summary>All rows</summary>\n\n" + \
         generic_table(rows, meta, ("exec", "head", "B", "tpot_ms")) + "\n</details>\n"
+
+
+def tpot_variants_section(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    timed = [r for r in rows if r.get("tpot_ms") is not None]
+    base = {(r["B"], r["cache_len"]): r["tpot_ms"] for r in timed if r["variant"] == "hf-dense"}
+    body = []
+    for r in sorted(timed, key=lambda r: (r["B"], -r["cache_len"], -r["tpot_ms"])):
+        b = base.get((r["B"], r["cache_len"]))
+        body.append([r["variant"], str(r["B"]), str(r["cache_len"]), str(r["position"]),
+                     r.get("attention", "-"), fmt(r["tpot_ms"]),
+                     fmt(r.get("kernels_per_step")), fmt(r.get("floor_ms")),
+                     fmt(r.get("gb_per_s")), fmt(100 * r["bw_fraction"]) if "bw_fraction" in r
+                     else "-", fmt(b / r["tpot_ms"]) if b else "-"])
+    out = ("Milliseconds per output token (median), kernels per step, the byte floor at the "
+           f"measured copy bandwidth ({fmt(meta.get('copy_gb_per_s'))} GB/s) and the speedup "
+           "over transformers' forward + torch.compile with the dense head (hf-dense):\n\n")
+    out += md_table(["variant", "B", "cache", "pos", "attention", "ms/token", "kernels",
+                     "floor ms", "GB/s", "% copy bw", "x hf-dense"], body)
+    bad = [r for r in rows if r.get("error")]
+    if bad:
+        out += "\nFailed: " + "; ".join(f"{r['variant']} B={r['B']}: {r['error']}" for r in bad)
+    _, runs = runs_block(timed, meta)
+    model = meta.get("model")
+    return out + (f"\nModel: {model}, dtype {meta.get('dtype', '?')}.\n" if model else "") + \
+        "\n" + runs
 
 
 def export_section(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:

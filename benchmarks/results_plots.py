@@ -106,9 +106,31 @@ def _speedup(ax: Any, rows: list[dict[str, Any]]) -> bool:
 
 
 def _tpot(ax: Any, rows: list[dict[str, Any]]) -> bool:
+    if any("variant" in r for r in rows):
+        return _tpot_bars(ax, [r for r in rows if r.get("tpot_ms") is not None])
     rows = [r for r in rows if not r.get("skipped") and r.get("tpot_ms") is not None
             and r.get("B") is not None and r.get("head")]
     if not rows:
         return False
     points = [(f"{r.get('exec', '')} {r['head']}".strip(), r["B"], r["tpot_ms"]) for r in rows]
     return _series_plot(ax, points, "batch size", "ms per output token", 10)
+
+
+def _tpot_bars(ax: Any, rows: list[dict[str, Any]]) -> bool:
+    """Grouped bars: ms per token of each variant, one group per (B, cache length)."""
+    if not rows:
+        return False
+    groups = sorted({(r["B"], r["cache_len"]) for r in rows}, key=lambda g: (g[0], -g[1]))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    ms = {(r["B"], r["cache_len"], r["variant"]): r["tpot_ms"] for r in rows}
+    width = 0.8 / len(variants)
+    for j, v in enumerate(variants):
+        xs = [i + j * width for i, g in enumerate(groups) if (*g, v) in ms]
+        ys = [ms[(*g, v)] for g in groups if (*g, v) in ms]
+        ax.bar(xs, ys, width, label=v)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+    ax.set_xticklabels([f"B={b}, L={L}" for b, L in groups], fontsize=8)
+    ax.set_ylabel("ms per output token")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    return True

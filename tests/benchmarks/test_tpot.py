@@ -1,8 +1,12 @@
-"""benchmarks.tpot on CPU: the variant groups build and run (timing itself needs CUDA)."""
+"""benchmarks.tpot on CPU: the variant groups build and run (timing itself needs CUDA), the byte
+floor counts what a step must read, the results page renders the rows."""
 
 from __future__ import annotations
 
-from benchmarks.tpot import TpotConfig, group, step_bytes
+import pytest
+
+from benchmarks.step_cost import kv_bytes, step_bytes
+from benchmarks.tpot import TpotConfig, group, plan
 from fh_compile import build_assets
 from tests.fh_compile.lm_fixtures import tiny_lm
 
@@ -11,15 +15,25 @@ def test_groups_share_one_step_and_leave_the_model_alone() -> None:
     model = tiny_lm("qwen2")
     dense_head = model.get_output_embeddings()
     assets = build_assets(dense_head.weight, cluster_size=16)
-    cfg = TpotConfig(prompt_len=6, new_tokens=3, warmup=1, eager_tokens=2, probes=4, k=4)
-    variants = group(model, assets, ["body", "dense", "fh-triton", "fh-reference"], None, 2, cfg)
-    assert [v.head for v in variants] == ["body", "dense", "fh-triton", "fh-reference"]
-    assert [v.path for v in variants] == ["none", "dense", "flashhead", "flashhead"]
+    cfg = TpotConfig(position=6, new_tokens=3, warmup=1, probes=4, k=4, cache_lens=(32,))
+    variants = group(model, assets, "fast", ["body", "dense", "fh"], 2, 32, cfg, None)
+    assert [v.name for v in variants] == ["fast-body", "fast-dense", "fast-fh"]
+    assert [v.path for v in variants] == ["none", "dense", "flashhead"]
+    assert {v.forward for v in variants} == {"fast"}
     assert len({id(v.step) for v in variants}) == 1
     assert model.get_output_embeddings() is dense_head            # swaps happened on a view
     for v in variants:
         v.call()
-    fused = group(model, assets, ["fh-triton"], None, 1, cfg, fuse=True)
-    assert fused[0].head == "fh-triton-fused" and fused[0].fused
-    sizes = [step_bytes(model, variants[0].step, assets, h, 2, 4) for h in ("body", "dense")]
-    assert sizes[1] - sizes[0] == 275 * 64 * 2
+    (hf,) = group(model, assets, "hf", ["dense"], 2, 32, cfg, None)
+    assert (hf.forward, hf.attention) == ("hf", "sdpa")
+    step = variants[0].step
+    sizes = [step_bytes(model, step, assets, h, 2, 4, filled=10) for h in ("body", "dense")]
+    assert sizes[1] - sizes[0] == 275 * 64 * 4                    # fp32 [V, D] head
+    assert kv_bytes(step, 10) == 2 * 2 * 2 * 2 * 10 * 16 * 4      # layers, K+V, B, Hkv, n, Dh, fp32
+
+
+def test_plan_orders_groups_and_checks_capacity() -> None:
+    cfg = TpotConfig(batches=(1, 16), cache_lens=(16384, 256), variants=("hf-dense", "fast-fh"))
+    assert plan(cfg)[:2] == [("hf", ["dense"], 1, 16384), ("fast", ["fh"], 1, 16384)]
+    with pytest.raises(ValueError, match="cannot hold"):
+        TpotConfig(cache_lens=(64,), position=128)

@@ -37,7 +37,7 @@ def test_cuda_aoti_of_the_1p5b_architecture_reproduces_eager_tokens(tmp_path):
     """The full DeepSeek-R1-Distill-Qwen-1.5B architecture (28 layers, V=151,936; random bf16
     weights): the AOTInductor package of the decode step, loaded back, gives the eager step's
     greedy tokens.  About 3 minutes on an H100/H200, most of it the AOTI compile."""
-    from benchmarks.tpot import r1_distill_qwen_1p5b
+    from benchmarks.random_models import r1_distill_qwen_1p5b
     from export.aoti import package_and_verify
     from export.programs import Prompt, check_one_flashhead_node, export_decode, export_prefill
     from fh_compile import build_assets, swap_head
