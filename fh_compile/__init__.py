@@ -12,7 +12,7 @@ import warnings
 from fh_compile.always import always_scored_ids
 from fh_compile.assets import AssetError, FlashHeadAssets, weight_fingerprint
 from fh_compile.build_assets import build_assets
-from fh_compile.compile import CompileInfo, compile_model
+from fh_compile.compile import CompileInfo, compile_model, uncompile_model
 from fh_compile.generate import GenerateResult, generate
 from fh_compile.head import FlashHeadConfig, FlashHeadLMHead, restore_dense_head, swap_head
 from fh_compile.loading import ModelLoadError, load_model
@@ -26,5 +26,5 @@ warnings.filterwarnings("ignore", message=r"'fh_compile\.build_assets' found in 
 
 __all__ = ["AssetError", "FlashHeadAssets", "weight_fingerprint", "build_assets",
            "FlashHeadConfig", "FlashHeadLMHead", "restore_dense_head", "swap_head",
-           "SamplingConfig", "compile_model", "CompileInfo", "generate", "GenerateResult",
+           "SamplingConfig", "compile_model", "uncompile_model", "CompileInfo", "generate", "GenerateResult",
            "ModelLoadError", "load_model", "always_scored_ids"]

@@ -26,13 +26,14 @@ from torch import nn
 
 from fh_compile.assets import HEADER_FILE, AssetError, FlashHeadAssets, weight_fingerprint
 from fh_compile.build_assets import build_assets
-from fh_compile.decode import DecodeStep, head_next_tokens
+from fh_compile.decode import FORWARDS, DecodeStep, head_next_tokens
 from fh_compile.head import KERNELS, FlashHeadLMHead, _output_embeddings, restore_dense_head, swap_head
 from fh_compile.sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
 
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+ATTENTIONS = ("auto", "hf")
 DEFAULT_ASSET_CACHE = Path("~/.cache/fh-compile/assets")
 
 _STEP_IDS = itertools.count()
@@ -54,6 +55,8 @@ class CompileOptions:
     dense_above_rows: int | None = None
     cluster_size: int = 16
     fuse: bool = False
+    forward: str = "auto"
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -67,18 +70,30 @@ class CompileOptions:
                              f"{self.max_batch_size}, {self.max_cache_len}")
         if self.cluster_size < 1:
             raise ValueError(f"cluster_size must be >= 1, got {self.cluster_size}")
+        if self.forward not in FORWARDS:
+            raise ValueError(f"forward must be one of {FORWARDS}, got {self.forward!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.forward == "fast" and self.attention == "hf":
+            raise ValueError("attention='hf' (transformers' attention) needs forward='hf' or "
+                             "'auto': the fast forward always runs flashhead::decode_attention")
 
 
 @dataclass(frozen=True)
 class CompileInfo:
     """What compile_model set up.  head: the module installed ('flashhead' or 'dense');
     path: what a decode step of max_batch_size rows computes ('flashhead', or 'dense' when the
-    head is dense or FlashHead falls back to dense for that many rows)."""
+    head is dense or FlashHead falls back to dense for that many rows).  forward: the decoder
+    forward that runs ('fast', or 'hf': transformers' own), attention: the decode attention,
+    fallback: why the fast forward is not used (None when it is)."""
 
     head: str
     path: str
     mode: str | None
     options: CompileOptions
+    forward: str = "fast"
+    attention: str = "flashhead::decode_attention"
+    fallback: str | None = None
     fingerprint: str | None = None
     assets_dir: str | None = None
     assets_built: bool = False
@@ -116,11 +131,11 @@ class CompiledDecoder:
         eos_ids = torch.tensor(eos or (-1,), dtype=torch.int64,
                                device=self.step.device)           # [E]
         torch._dynamo.mark_static_address(eos_ids)
-        k = self.step.k
+        k, softcap = self.step.k, self.step.softcap
 
         def head_step(h: torch.Tensor, finished: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-            nxt = torch.where(finished, pad, head_next_tokens(head, h, sampling, k))
+            nxt = torch.where(finished, pad, head_next_tokens(head, h, sampling, k, softcap))
             return nxt, finished | (nxt.unsqueeze(1) == eos_ids).any(dim=1)
 
         return head_step
@@ -192,8 +207,9 @@ def compile_step(fn: Callable, mode: str | None) -> Callable:
 
 def compile_model(model: nn.Module, assets: FlashHeadAssets | None = None, *, probes: int = 256,
                   k: int = 64, mode: str | None = "max-autotune", flashhead: bool = True,
-                  kernel: str = "triton", max_batch_size: int = 1, max_cache_len: int = 2048,
+                  kernel: str = "triton", max_batch_size: int = 1, max_cache_len: int | None = None,
                   dense_above_rows: int | None = None, cluster_size: int = 16, fuse: bool = False,
+                  forward: str = "auto", attention: str = "auto",
                   cache_dir: str | os.PathLike | None = None,
                   build_kwargs: dict[str, Any] | None = None,
                   always_ids: Sequence[int] | None = None) -> nn.Module:
@@ -209,14 +225,22 @@ def compile_model(model: nn.Module, assets: FlashHeadAssets | None = None, *, pr
     flashhead=False keeps (or restores) the dense head in the same pipeline, for A/B runs.
     mode: a torch.compile mode ("max-autotune" gives CUDA graphs on GPU), or None for eager.
     fuse: compile body + head as one graph (default: the body once, the head per setting).
+    max_cache_len: slots of the static KV cache (prompt + generated tokens); None: the model's
+    max_position_embeddings, at most 32,768 (a reasoning trace needs thousands of tokens, and
+    the decode attention reads only the filled slots, so capacity costs memory, not time).
+    forward: "auto" (the fast forward where the architecture is served, else transformers'),
+    "fast" (raise if not served) or "hf".  attention: "auto" (flashhead::decode_attention) or
+    "hf" (transformers' own attention, which needs transformers' forward: for A/B runs).
+    `model.fh_compiled.info` says which forward and attention run, and why.
 
     Raises AssetError for assets of another model, ValueError for probes out of range, a model
     without an LM head, or bad options.  The model is put in eval mode.
     """
     opts = CompileOptions(probes=probes, k=k, mode=mode, flashhead=flashhead, kernel=kernel,
-                          max_batch_size=max_batch_size, max_cache_len=max_cache_len,
+                          max_batch_size=max_batch_size,
                           dense_above_rows=dense_above_rows, cluster_size=cluster_size,
-                          fuse=fuse)
+                          fuse=fuse, forward=forward, attention=attention,
+                          max_cache_len=max_cache_len or default_cache_len(model))
     if isinstance(_output_embeddings(model), FlashHeadLMHead):
         restore_dense_head(model)  # re-install with these options
     dense = _output_embeddings(model)
@@ -238,13 +262,32 @@ def compile_model(model: nn.Module, assets: FlashHeadAssets | None = None, *, pr
         swap_head(model, assets, probes=probes, k=k, dense_above_rows=dense_above_rows,
                   kernel=kernel, always_ids=always_ids)
         fingerprint = assets.fingerprint
-    step = DecodeStep(model, max_batch_size=max_batch_size, max_cache_len=max_cache_len, k=k)
+    step = DecodeStep(model, max_batch_size=max_batch_size, max_cache_len=opts.max_cache_len,
+                      k=k, forward="hf" if attention == "hf" else forward)
     info = CompileInfo(head="flashhead" if flashhead else "dense", path=step.path, mode=mode,
-                       options=opts, fingerprint=fingerprint,
+                       options=opts, forward=step.info.forward, attention=step.info.attention,
+                       fallback=step.info.reason, fingerprint=fingerprint,
                        assets_dir=str(assets_dir) if assets_dir else None, assets_built=built)
     model.fh_compiled = CompiledDecoder(step, info)
     log.info("compile_model: %s", info)
     return model
+
+
+def uncompile_model(model: nn.Module) -> nn.Module:
+    """Undo compile_model on THIS model: drop `model.fh_compiled`, put the dense head back, and
+    give the linears that the fast forward shares their own storage again.  Returns model."""
+    compiled = model.__dict__.pop("fh_compiled", None)
+    if isinstance(compiled, CompiledDecoder) and compiled.step.fast is not None:
+        compiled.step.fast.unshare(model)
+    if isinstance(_output_embeddings(model), FlashHeadLMHead):
+        restore_dense_head(model)
+    return model
+
+
+def default_cache_len(model: nn.Module, cap: int = 32768) -> int:
+    """min(cap, the model's max_position_embeddings): the default static cache capacity."""
+    config = model.config.get_text_config(decoder=True)
+    return min(cap, int(getattr(config, "max_position_embeddings", None) or cap))
 
 
 def cached_assets(weight: torch.Tensor, cluster_size: int = 16,
