@@ -1,6 +1,6 @@
 """Decode attention of one layer: flashhead::decode_attention vs SDPA over the whole static cache.
 
-    python -m benchmarks.attention_latency [--quick] [--sweep] [--out results/attention_latency.json]
+    python -m benchmarks.attention_latency [--quick] [--sweep] [--out FILE.json]
 
 Shapes: DeepSeek-R1-Distill-Qwen-1.5B (Hq/Hkv 12/2, Dh 128) and Gemma-3-270M (4/1, Dh 256)
 layers, bf16, B in {1, 16}, cache capacity in {4096, 32768}, fill in {128, 8192} (starts 0).

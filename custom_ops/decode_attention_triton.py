@@ -185,11 +185,12 @@ def decode_blocks(B: int, Hkv: int, group: int, L: int, Dh: int, dtype: torch.dt
     SMs), at most L / min_chunk and `max_splits`.  min_chunk = 4 blocks: a split reads at least
     ~128 KB of K/V (bf16, Dh 128), so short ranges run on few splits and the last program's
     combine (A * GROUP * Dh * 4 bytes from L2) stays about as short as one split's reads.
-    Blocks: 64 slots at Dh <= 128, 32 at Dh 256, 16 for fp32 (IEEE fp32 dots; no register
-    spills in sm_90 builds of triton 3.9 at 4 warps, 168 registers at Dh 128 bf16).
+    Blocks: 64 slots at Dh 128, 32 at other sizes, 16 for fp32 (IEEE fp32 dots); sm_90 builds
+    of triton 3.9 at 4 warps: 168 registers at Dh 128 bf16, 197 at Dh 256, 96 at Dh 64 (64-slot
+    blocks there: 255 and spills), no spills.
     """
     block_d = max(16, triton.next_power_of_2(Dh))
-    block_n = 16 if dtype == torch.float32 else 64 if block_d <= 128 else 32
+    block_n = 16 if dtype == torch.float32 else 64 if block_d == 128 else 32
     min_chunk = 4 * block_n
     programs = B * Hkv * triton.cdiv(group, _HEADS)
     splits = max(1, min(triton.cdiv(2 * _num_sms(device), programs), triton.cdiv(L, min_chunk),

@@ -1,4 +1,4 @@
-"""Rotary + optional q/k RMSNorm + KV-cache write of one new token: `torch.ops.flashhead.rope_kv_write`.
+"""Rotary + q/k RMSNorm + KV-cache write of one new token: `torch.ops.flashhead.rope_kv_write`.
 
 For every row b, with slot = fill - 1 and rotary position pos_b = fill - 1 - starts[b]:
 

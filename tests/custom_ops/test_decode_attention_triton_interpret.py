@@ -2,10 +2,11 @@
 against the PyTorch references: empty rows, windows, soft-capping, several splits (the
 last-program combine), the counters left at zero for the next call, out-of-range slots.
 
-Run in its own process:
-    TRITON_INTERPRET=1 pytest -m interpret tests/custom_ops/test_decode_attention_triton_interpret.py
-(see tests/custom_ops/test_flashhead_triton_interpret.py for why; fp32 only: the interpreter
-gets bf16 x bf16 tl.dot wrong, so 16-bit inputs are checked on the GPU).
+Run in its own process (see tests/custom_ops/test_flashhead_triton_interpret.py for why):
+    TRITON_INTERPRET=1 pytest -m interpret \
+        tests/custom_ops/test_decode_attention_triton_interpret.py
+fp32 only: the interpreter gets bf16 x bf16 tl.dot wrong, so 16-bit inputs are checked on the
+GPU.
 """
 
 import os
