@@ -1,7 +1,8 @@
 """fh_compile.hf_attention: tiny Qwen2 / Llama / Mistral models decoding over a transformers
 StaticCache with the flashhead decode attention give the same greedy tokens as with SDPA (fp32,
 48 steps, with and without left padding); one compiled decode step without graph breaks;
-sliding-window models are refused; enable / disable restore the instance's implementation."""
+sliding-window models are refused; enable / disable restore the instance's implementation.
+GPU (marker cuda): the R1-1.5B architecture, 64 greedy steps equal to SDPA's (fp32)."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def cache_kw(model) -> str:
 
 
 @torch.no_grad()
-def greedy(model, prompt: torch.Tensor, mask: torch.Tensor, ours: bool, steps: int = STEPS):
+def greedy(model, prompt: torch.Tensor, mask: torch.Tensor, ours: bool, steps: int = STEPS,
+           max_cache_len: int = L):
     """Prefill, then `steps` one-token decode calls over a StaticCache (as fh_compile.decode
     drives it: a [B, L] padding mask, per-row positions).  Returns (tokens [B, steps + 1],
     last logits [B, V])."""
@@ -49,11 +51,12 @@ def greedy(model, prompt: torch.Tensor, mask: torch.Tensor, ours: bool, steps: i
 
     config = model.config
     B, T = prompt.shape
-    cache = StaticCache(config=config, max_cache_len=L)
+    weight = next(model.parameters())
+    cache = StaticCache(config=config, max_cache_len=max_cache_len)
     heads = config.num_key_value_heads
     dh = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    cache.early_initialization(B, heads, dh, torch.float32, torch.device("cpu"))
-    attn = torch.zeros(B, L, dtype=torch.int64)
+    cache.early_initialization(B, heads, dh, weight.dtype, weight.device)
+    attn = torch.zeros(B, max_cache_len, dtype=torch.int64, device=weight.device)
     attn[:, :T] = mask
     starts = T - mask.sum(1)                                           # [B] left padding
     kw = {cache_kw(model): cache, "use_cache": True}
@@ -150,3 +153,23 @@ def test_one_token_call_without_ranges_is_an_error(fresh_seed) -> None:
         hf_attention.flashhead_decode_attention)
     assert AttentionMaskInterface()[hf_attention.ATTENTION_NAME] is (
         hf_attention.flashhead_decode_mask)
+
+
+@pytest.mark.cuda
+def test_r1_1p5b_architecture_greedy_tokens_equal_sdpa_on_gpu() -> None:
+    """DeepSeek-R1-Distill-Qwen-1.5B's architecture (random weights, fp32, 28 layers, 12/2 heads
+    of 128): 64 greedy steps with the Triton decode attention equal transformers' SDPA."""
+    from benchmarks.random_models import random_model
+
+    model = random_model("r1-1.5b", dtype=torch.float32, device="cuda")
+    torch.manual_seed(1)
+    prompt = torch.randint(0, 151000, (4, 100), device="cuda")
+    mask = torch.ones_like(prompt)
+    mask[1, :37] = 0
+    mask[3, :99] = 0
+    want, want_logits = greedy(model, prompt, mask, ours=False, steps=64, max_cache_len=4096)
+    prev = hf_attention.enable(model)
+    got, got_logits = greedy(model, prompt, mask, ours=True, steps=64, max_cache_len=4096)
+    hf_attention.disable(model, prev)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-3, atol=1e-3)
