@@ -173,8 +173,9 @@ class CompiledDecoder:
                 return fn(tokens, finished)
             mode = self.info.mode
             if mode is not None:
-                log.info("compiling the decode step (torch.compile mode=%s, %s): the first call "
-                         "takes a while (minutes for a large model on CPU)", mode, name)
+                log.info("compiling the decode step (torch.compile mode=%s): the first call "
+                         "takes a while, minutes for a large model on CPU", mode)
+                log.debug("decode step: %s", name)
             t0 = time.perf_counter()
             out = fn(tokens, finished)
             if out[0].is_cuda:
