@@ -101,9 +101,11 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, out_ptr,
                             input_precision="ieee")
             else:
                 sc = tl.dot(q, tl.trans(k))                               # [16, BLOCK_N] fp32
-            sc = sc * scale
+            # Inductor passes Python floats to user kernels as fp64 scalars: keep the math fp32.
+            sc = sc * tl.cast(scale, tl.float32)
             if SOFTCAP:
-                sc = softcap * _tanh(sc / softcap)
+                cap = tl.cast(softcap, tl.float32)
+                sc = cap * _tanh(sc / cap)
             sc = tl.where(j_ok[None, :], sc, float("-inf"))
             # Every block holds a valid slot (j0 < j_hi), so m_new is finite.
             m_new = tl.maximum(m_i, tl.max(sc, axis=1))

@@ -43,6 +43,10 @@ def _rope_kv_write_kernel(qkv_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, inv_freq_
     """qkv [B, (Hq + 2 * Hkv) * Dh]; k, v caches [B, Hkv, L, Dh]; starts [B] int64; fill [1]
     int64; inv_freq [Dh / 2] fp32; q_norm / k_norm [Dh] (any float) when HAS_*; q_out [B, Hq,
     1, Dh].  See the module docstring."""
+    # Inductor passes Python floats to user kernels as fp64 scalars: keep the math fp32.
+    attn_scaling = tl.cast(attn_scaling, tl.float32)
+    eps = tl.cast(eps, tl.float32)
+    norm_offset = tl.cast(norm_offset, tl.float32)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     slot = tl.load(fill_ptr) - 1
