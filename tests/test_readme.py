@@ -175,6 +175,6 @@ print("CHECK", json.dumps({"export": exp[0].tolist(), "aoti": aoti[0].tolist(),
 """
     proc = run_script(code + check, tmp_path, timeout=600)
     got = json.loads(proc.stdout.strip().splitlines()[-1].removeprefix("CHECK "))
-    # The same fp32 graph three ways: greedy tokens agree (export.run verifies 8 steps the same way).
+    # The same fp32 graph three ways: greedy tokens agree (export.run verifies 8 steps so).
     assert got["aoti"][:8] == got["export"][:8], got
     assert got["onnx"][:8] == got["export"][:8], got
