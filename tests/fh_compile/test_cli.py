@@ -21,11 +21,21 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(autouse=True)
 def restore_log_levels():
-    """The CLIs set this repository's logger levels (their process is theirs); undo it here."""
+    """The CLIs set this repository's logger levels and, with -q, switch transformers' and
+    huggingface_hub's bars off (their process is theirs); undo it here."""
+    import huggingface_hub.utils
+    import transformers.utils.logging as tf_logging
+
     levels = {n: logging.getLogger(n).level for n in cli.PACKAGES}
+    tf_bars = tf_logging.is_progress_bar_enabled()
+    hub_bars_off = huggingface_hub.utils.are_progress_bars_disabled()
     yield
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
+    if tf_bars:
+        tf_logging.enable_progress_bar()
+    if not hub_bars_off:
+        huggingface_hub.utils.enable_progress_bars()
 
 
 @pytest.fixture
