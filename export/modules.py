@@ -74,7 +74,8 @@ class _StateAsInputs(nn.Module):
                 saved.append((obj, attr, getattr(obj, attr)))
                 setattr(obj, attr, state[name])
         try:
-            yield step
+            with step.attention_context():
+                yield step
         finally:
             for obj, key, value in reversed(saved):
                 if isinstance(obj, dict):

@@ -122,8 +122,21 @@ class CompiledDecoder:
             def body(tokens: torch.Tensor) -> torch.Tensor:
                 return step.hidden(tokens.unsqueeze(1))
 
-            self._body = compile_step(body, self.info.mode)
+            self._body = self._in_attention(compile_step(body, self.info.mode))
         return self._body
+
+    def _in_attention(self, fn: Callable) -> Callable:
+        """fn called inside the step's attention_context (transformers' forward with the decode
+        op switches this model's attention implementation for the call); fn itself otherwise."""
+        step = self.step
+        if step._hf_attention is None:
+            return fn
+
+        def call(*args: Any) -> Any:
+            with step.attention_context():
+                return fn(*args)
+
+        return call
 
     def head_stage(self, head: nn.Module, sampling: SamplingConfig, eos: tuple[int, ...],
                    pad: int) -> Callable:
@@ -154,7 +167,7 @@ class CompiledDecoder:
                           ) -> tuple[torch.Tensor, torch.Tensor]:
                     return stage(step.hidden(tokens.unsqueeze(1)), finished)
 
-                fn = compile_step(fused, mode)
+                fn = self._in_attention(compile_step(fused, mode))
             else:
                 body, head_c = self.body_fn(), compile_step(stage, mode)
 
@@ -264,7 +277,7 @@ def compile_model(model: nn.Module, assets: FlashHeadAssets | None = None, *, pr
                   kernel=kernel, always_ids=always_ids)
         fingerprint = assets.fingerprint
     step = DecodeStep(model, max_batch_size=max_batch_size, max_cache_len=opts.max_cache_len,
-                      k=k, forward="hf" if attention == "hf" else forward)
+                      k=k, forward=forward, attention=attention)
     info = CompileInfo(head="flashhead" if flashhead else "dense", path=step.path, mode=mode,
                        options=opts, forward=step.info.forward, attention=step.info.attention,
                        fallback=step.info.reason, fingerprint=fingerprint,

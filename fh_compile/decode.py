@@ -37,13 +37,16 @@ from __future__ import annotations
 
 import inspect
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
 from transformers import StaticCache
 
 from custom_ops import FlashHeadTopK
+from fh_compile import hf_attention
 from fh_compile.arch import UnsupportedArchitecture
 from fh_compile.fast_decoder import FastDecoder
 from fh_compile.head import FlashHeadLMHead, _output_embeddings
@@ -52,6 +55,7 @@ from fh_compile.sampling import SamplingConfig, gumbel_probe_noise, sample_candi
 log = logging.getLogger(__name__)
 
 FORWARDS = ("auto", "fast", "hf")
+ATTENTIONS = ("auto", "hf")
 
 
 def head_topk(head: nn.Module, h: torch.Tensor, k: int,
@@ -121,13 +125,20 @@ class DecodeStep(nn.Module):
     def __init__(self, model: nn.Module, *, max_batch_size: int = 1, max_cache_len: int = 2048,
                  k: int = 64, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, forward: str = "auto",
-                 kernels: str = "ops") -> None:
+                 attention: str = "auto", kernels: str = "ops") -> None:
         super().__init__()
         if max_batch_size < 1 or max_cache_len < 2 or k < 1:
             raise ValueError(f"need max_batch_size >= 1, max_cache_len >= 2 and k >= 1, got "
                              f"{max_batch_size}, {max_cache_len}, {k}")
         if forward not in FORWARDS:
             raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        if attention == "hf" and forward == "fast":
+            raise ValueError("attention='hf' (transformers' attention) needs forward='hf' or "
+                             "'auto': the fast forward always runs flashhead::decode_attention")
+        if attention == "hf":
+            forward = "hf"
         _output_embeddings(model)  # a clear ValueError for models without an LM head
         body = getattr(model, "base_model", None)
         if body is None or body is model:
@@ -141,6 +152,7 @@ class DecodeStep(nn.Module):
         self.max_batch_size, self.max_cache_len, self.k = max_batch_size, max_cache_len, k
         self.softcap: float | None = getattr(config, "final_logit_softcapping", None)
         self.fast: FastDecoder | None = None
+        self._hf_attention: str | None = None   # transformers' forward with the decode op
         reason = None
         if forward != "hf":
             try:
@@ -159,7 +171,7 @@ class DecodeStep(nn.Module):
             self.info = StepInfo("fast", "flashhead::decode_attention")
         else:
             self._init_hf_state(config, heads, head_dim, dtype, device, reason)
-            self.info = StepInfo("hf", str(model.config._attn_implementation), reason)
+            self.info = self._hf_attention_info(attention, reason)
 
     def _init_fast_state(self, layers: int, heads: int, head_dim: int, dtype: torch.dtype,
                          device: torch.device) -> None:
@@ -196,8 +208,42 @@ class DecodeStep(nn.Module):
                              persistent=False)
         self.register_buffer("positions", torch.zeros(self.max_batch_size, dtype=torch.int64,
                                                       device=device), persistent=False)
+        self.register_buffer("starts", torch.zeros(self.max_batch_size, dtype=torch.int64,
+                                                   device=device), persistent=False)   # [B]
         torch._dynamo.mark_static_address(self.attn_mask)
         torch._dynamo.mark_static_address(self.positions)
+        torch._dynamo.mark_static_address(self.starts)
+
+    def _hf_attention_info(self, attention: str, reason: str | None) -> StepInfo:
+        """Use flashhead::decode_attention inside transformers' forward where its StaticCache
+        allows (attention='auto'), through its attention interface; say which runs and why."""
+        own = str(self.model.config._attn_implementation)
+        if attention == "hf":
+            return StepInfo("hf", own, reason)
+        why_not = hf_attention.unsupported_reason(self.model)
+        if why_not is not None:
+            log.warning("DecodeStep: transformers' attention (%s) is kept: %s", own, why_not)
+            return StepInfo("hf", own, f"{reason}; decode attention not used: {why_not}")
+        hf_attention.register()
+        self._hf_attention = hf_attention.ATTENTION_NAME
+        return StepInfo("hf", f"flashhead::decode_attention (transformers' attention interface "
+                              f"'{hf_attention.ATTENTION_NAME}')", reason)
+
+    @contextmanager
+    def attention_context(self) -> Iterator[None]:
+        """While inside, THIS model's transformers forward uses the decode op (hf forward with
+        attention='auto'); a no-op otherwise.  The model is switched back on exit, so its own
+        `model.generate` keeps transformers' attention.  Compiled step functions are called
+        inside it (CompiledDecoder does that); forward / next_tokens / prefill enter it."""
+        name = self._hf_attention
+        prev = None if name is None else str(self.model.config._attn_implementation)
+        if name is not None and prev != name:
+            self.model.set_attn_implementation(name)
+        try:
+            yield
+        finally:
+            if name is not None and prev != name:
+                self.model.set_attn_implementation(prev)
 
     # -- state ------------------------------------------------------------------------------------
     @property
@@ -235,9 +281,9 @@ class DecodeStep(nn.Module):
     @torch.no_grad()
     def reset(self) -> None:
         """Empty the cache (in place: addresses stay fixed for compiled graphs)."""
+        self.starts.zero_()
         if self.fast is not None:
             self.fill.zero_()
-            self.starts.zero_()
             return
         for layer in self.cache.layers:
             layer.cumulative_length.zero_()
@@ -246,8 +292,12 @@ class DecodeStep(nn.Module):
 
     # -- compute ----------------------------------------------------------------------------------
     def _hf_body(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        extra = {}
+        if self._hf_attention is not None and input_ids.shape[1] == 1:
+            extra = dict(fh_starts=self.starts, fh_fill=self.cache.layers[0].cumulative_length)
         out = self.body(input_ids=input_ids, attention_mask=self.attn_mask,
-                        position_ids=position_ids, use_cache=True, **{self._cache_kw: self.cache})
+                        position_ids=position_ids, use_cache=True, **{self._cache_kw: self.cache},
+                        **extra)
         return out.last_hidden_state                                     # [B, T, D]
 
     def _check_rows(self, input_ids: torch.Tensor) -> None:
@@ -256,7 +306,8 @@ class DecodeStep(nn.Module):
                              f"got {tuple(input_ids.shape)}; pad the batch with copies of a row")
 
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids [B, 1] int64 -> last hidden state [B, D]; appends one slot to the cache."""
+        """input_ids [B, 1] int64 -> last hidden state [B, D]; appends one slot to the cache.
+        Call it inside `attention_context()` (compiled step functions are)."""
         self._check_rows(input_ids)
         if self.fast is not None:
             self.fill.add_(1)
@@ -271,12 +322,15 @@ class DecodeStep(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> FlashHeadTopK:
         """input_ids [B, 1] int64 -> FlashHeadTopK(ids [B, k], logits [B, k] fp32)."""
-        return head_topk(self.head, self.hidden(input_ids), self.k, softcap=self.softcap)
+        with self.attention_context():
+            h = self.hidden(input_ids)
+        return head_topk(self.head, h, self.k, softcap=self.softcap)
 
     def next_tokens(self, input_ids: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
         """input_ids [B, 1] int64 -> next token ids [B] int64 (greedy or sampled)."""
-        return head_next_tokens(self.head, self.hidden(input_ids), sampling, self.k,
-                                self.softcap)
+        with self.attention_context():
+            h = self.hidden(input_ids)
+        return head_next_tokens(self.head, h, sampling, self.k, self.softcap)
 
     @torch.no_grad()
     def prefill_hidden(self, input_ids: torch.Tensor,
@@ -303,7 +357,9 @@ class DecodeStep(nn.Module):
             self.fill.fill_(T)
             return h[:, -1].contiguous()
         self.attn_mask[:, :T] = mask
-        h = self._hf_body(input_ids, position_ids)[:, -1].contiguous()
+        self.starts.copy_(T - mask.sum(-1))
+        with self.attention_context():
+            h = self._hf_body(input_ids, position_ids)[:, -1].contiguous()
         self.positions.copy_(mask.sum(-1))
         # Pad slots hold whatever attention made of fully masked rows; zero them so no kernel can
         # turn a masked NaN into a real one later (0 * NaN is NaN).

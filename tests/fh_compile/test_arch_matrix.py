@@ -45,8 +45,9 @@ def test_compiled_generate_equals_transformers(arch, tmp_path):
     if arch in FAST:
         assert (info.forward, info.attention, info.fallback) == (
             "fast", "flashhead::decode_attention", None)
-    else:
+    else:   # transformers' forward, with the decode op through its attention interface
         assert info.forward == "hf" and arch in info.fallback
+        assert info.attention.startswith("flashhead::decode_attention")
 
 
 def test_fast_forward_is_refused_with_the_reason():
@@ -58,13 +59,13 @@ def test_fast_forward_is_refused_with_the_reason():
                                  attention="hf", max_cache_len=32)
 
 
-def test_attention_hf_keeps_transformers_forward():
+def test_attention_hf_keeps_transformers_forward_and_attention():
     model = tiny_arch("llama")
     ids, mask = prompt_batch(2)
     expected = hf_greedy(model, ids, mask)
     fh_compile.compile_model(model, flashhead=False, mode=None, attention="hf", max_batch_size=2,
                              max_cache_len=64)
-    assert model.fh_compiled.info.forward == "hf"
+    assert (model.fh_compiled.info.forward, model.fh_compiled.info.attention) == ("hf", "sdpa")
     out = fh_compile.generate(model, ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=[])
     assert torch.equal(out.sequences, expected)
 
