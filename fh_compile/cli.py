@@ -3,6 +3,7 @@ what every CLI of this repository shares: -q / -v and the log format, and one ru
 folders (an existing non-empty --out is refused unless --overwrite).
 
     python -m fh_compile build-assets --model PATH --out DIR [--overwrite] [-q | -v]
+                                      [--always-id ID_OR_TOKEN ...]
 
 Library code only logs (a logger per module); a CLI's main() calls configure_logging once.
 """
@@ -14,6 +15,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +78,16 @@ def _build_assets_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=12, help="k-means iterations per level")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda (where clustering runs)")
+    p.add_argument("--always-id", action="append", default=[], metavar="ID_OR_TOKEN",
+                   help="a token FlashHead scores at every step, besides the model's eos and "
+                        "end-of-turn tokens: a vocabulary id or a token string (repeatable)")
     add_verbosity_flags(p)
     return p
 
 
 def run_build_assets(args: argparse.Namespace) -> int:
     """Cluster the LM head of args.model and save the assets to args.out; the exit status."""
+    from fh_compile.always import always_report
     from fh_compile.build_assets import build_assets
     from fh_compile.loading import ModelLoadError, load_lm_head_weight
 
@@ -95,18 +101,40 @@ def run_build_assets(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     V, D = weight.shape
+    try:
+        always, tokenizer = _always_ids(args.model, V, args.always_id)
+    except (TypeError, ValueError) as e:
+        print(f"error: --always-id: {e}", file=sys.stderr)
+        return 2
     log.info("read the [%d, %d] head in %.1f s; clustering it into clusters of %d rows on %s",
              V, D, time.perf_counter() - t0, args.cluster_size, args.device)
     t0 = time.perf_counter()
     assets = build_assets(weight.to(args.device), cluster_size=args.cluster_size,
                           centroid_mode=args.centroid_mode, coarse_iters=args.iters,
-                          fine_iters=args.iters, seed=args.seed)
+                          fine_iters=args.iters, seed=args.seed, always_ids=always)
     seconds = time.perf_counter() - t0
     out = assets.to("cpu").save(args.out)
     print(f"built {assets.num_clusters} clusters of <= {assets.cluster_size} rows for V="
           f"{assets.vocab_size}, D={assets.hidden_size} in {seconds:.1f} s on {args.device}; "
           f"fingerprint {assets.fingerprint}; wrote {out}")
-    return 0
+    report = always_report(assets, weight, tokenizer)
+    for r in report:
+        print(r.describe())
+    return 0 if all(r.retrievable for r in report) else 1
+
+
+def _always_ids(model: str, vocab_size: int, named: list[str]) -> tuple[list[int] | None, Any]:
+    """(always-scored ids, tokenizer) from the model's configs and tokenizer plus the named
+    --always-id values; (None, None) with a warning when the configs cannot be read."""
+    from fh_compile.always import always_ids_for_model_files
+
+    extra = [int(x) if x.lstrip("-").isdigit() else x for x in named]
+    try:
+        return always_ids_for_model_files(model, vocab_size, extra)
+    except OSError as e:
+        log.warning("could not read the configs / tokenizer of %s (%s): no always-scored ids "
+                    "recorded; the head takes the model's eos ids when it is installed", model, e)
+        return None, None
 
 
 def build_assets_main(argv: list[str] | None = None, prog: str = "fh-build-assets") -> int:

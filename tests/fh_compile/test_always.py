@@ -151,3 +151,33 @@ def test_builder_reports_each_always_id(assets, model) -> None:
     bad = always_report(broken, weight)
     assert not bad[1].retrievable and "NOT RETRIEVABLE" in bad[1].describe()
     assert bad[0].retrievable
+
+
+@pytest.fixture
+def restore_log_levels():
+    import logging
+
+    from fh_compile import cli
+
+    levels = {n: logging.getLogger(n).level for n in cli.PACKAGES}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def test_build_assets_cli_records_and_reports_the_always_ids(tiny_hf_untied, tmp_path, capsys,
+                                                             restore_log_levels) -> None:
+    from fh_compile import cli
+
+    out = tmp_path / "assets"
+    rc = cli.main(["build-assets", "--model", str(tiny_hf_untied), "--out", str(out),
+                   "--iters", "2", "--always-id", "<|im_start|>", "--always-id", "5"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert json.loads((out / HEADER_FILE).read_text())["always_ids"] == [5, 272, 273, 274]
+    lines = [line for line in printed.splitlines() if line.startswith("always-scored id")]
+    assert len(lines) == 4 and all("scored at every step" in line for line in lines)
+    assert any(line.startswith("always-scored id 274 '<|im_end|>': row ") for line in lines)
+    rc = cli.main(["build-assets", "--model", str(tiny_hf_untied), "--out", str(out),
+                   "--overwrite", "--iters", "2", "--always-id", "<nope>"])
+    assert rc == 2 and "not in the tokenizer's vocabulary" in capsys.readouterr().err
