@@ -26,9 +26,6 @@ import torch
 
 DATASETS = ("gsm8k", "ifeval", "mmlu_pro")
 PROMPT_FORMATS = ("chat", "plain")
-# End-of-turn tokens of common chat vocabularies (those present in a tokenizer are always-scored).
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>", "<|end|>",
-                      "<|eom_id|>")
 _FILES = {"gsm8k": "gsm8k/test.jsonl", "ifeval": "ifeval/input_data.jsonl",
           "mmlu_pro": "mmlu_pro/test.jsonl"}
 
@@ -58,18 +55,11 @@ def conversations(name: str, data_dir: Path, seed: int = 0) -> Iterator[list[dic
 
 
 def end_of_turn_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Sorted ids FlashHead scores at every step: the eos ids of the model's generation config and
-    config, the tokenizer's eos id, and the END_OF_TURN_TOKENS present in its vocabulary."""
-    ids: set[int] = set()
-    for cfg in (getattr(model, "generation_config", None), getattr(model, "config", None)):
-        eos = getattr(cfg, "eos_token_id", None)
-        ids.update([eos] if isinstance(eos, int) else (eos or []))
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(tokenizer.eos_token_id)
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-    V = model.get_output_embeddings().weight.shape[0]
-    return sorted(i for i in ids if 0 <= i < V)
+    """Sorted ids FlashHead scores at every step (fh_compile.always.always_scored_ids: the eos ids
+    of the model's configs, the tokenizer's eos id and its end-of-turn tokens)."""
+    from fh_compile.always import always_scored_ids
+
+    return always_scored_ids(model, tokenizer)
 
 
 def encode(tokenizer: Any, messages: list[dict[str, str]], prompt_format: str = "chat"

@@ -173,3 +173,22 @@ def fit_centroids(h: torch.Tensor, weight: torch.Tensor, token_cluster: torch.Te
         if miss < best[0]:                     # ties keep the earlier (less fitted) epoch
             best = (miss, epoch, C.detach().clone())
     return FitResult(best[2], best[1], history, time.perf_counter() - t0)
+
+
+def fit_assets(assets, hidden: torch.Tensor, cfg: CentroidFitConfig, source: str,
+               log=print):
+    """A copy of FlashHeadAssets whose centroids are fitted to hidden states [N, D] (same clusters,
+    rows and ids; the assets' own centroids are the starting point).  The fit and its `source`
+    (a sentence naming the calibration text) are recorded in params["centroid_fit"]."""
+    from dataclasses import replace
+
+    sizes = (assets.offsets[1:] - assets.offsets[:-1]).cpu()
+    row_cluster = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)   # [V] by row
+    res = fit_centroids(hidden.cpu(), assets.weight.cpu(), row_cluster,
+                        assets.centroids.cpu().float(), cfg, log)
+    params = dict(assets.params)
+    params["centroid_fit"] = {**res.summary(cfg, hidden.shape[0]), "source": source,
+                              "init": params.get("centroid_mode", "mean")}
+    return replace(assets, params=params,
+                   centroids=res.centroids.to(device=assets.centroids.device,
+                                              dtype=assets.centroids.dtype))
