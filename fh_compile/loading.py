@@ -165,6 +165,8 @@ def _load_gguf(src: ModelSpec, dtype: torch.dtype, cache_root: Path | None) -> t
         if marker.is_file() and json.loads(marker.read_text()).get("sha256") == sha:
             return (AutoModelForCausalLM.from_pretrained(cached, dtype=dtype),
                     AutoTokenizer.from_pretrained(cached))
+    log.info("dequantizing %s (once: about a minute for a 1.5B model on CPU)%s", src.gguf_path,
+             f"; cached in {cached}" if cached is not None else "")
     tokenizer = AutoTokenizer.from_pretrained(src.folder, gguf_file=src.gguf_file)
     # dequantize=True: dense nn.Linear weights even where a packed-GGUF kernel is installed, so the
     # LM head is a plain Linear that FlashHead can read and replace.
@@ -203,7 +205,7 @@ def _save_cache(model: Any, tokenizer: Any, folder: Path, meta: dict[str, str]) 
             shutil.rmtree(folder)
         os.replace(tmp, folder)
     except OSError as e:  # a full disk or read-only cache must not fail the load itself
-        print(f"warning: could not cache the dequantized model in {folder} ({e})")
+        log.warning("could not cache the dequantized model in %s (%s)", folder, e)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
