@@ -1,7 +1,7 @@
 """How closely does FlashHead follow the dense LM head on real text?  (top-1 agreement, top-5/10
 recall, and total variation of the sampling distribution, per data set and probe count.)
 
-    python -m benchmarks.fidelity --model PATH [--assets DIR] [--tokens N]
+    python -m benchmarks.fidelity --model PATH [--assets DIR [DIR ...]] [--tokens N]
         [--probes 32 64 128 256 512] [--out results/fidelity.json]
 
 Hidden states are the LM head's inputs under teacher forcing (benchmarks.fidelity_data) and are
@@ -9,7 +9,9 @@ cached as safetensors under --cache-dir, so a re-run only redoes the metrics.  W
 benchmark builds one clustering per --clusterings entry (k-means iterations per level : flat
 refinement iterations [: refinement metric]), caches the assets under --cache-dir, and scores each with every
 --centroid-modes scoring vector (same clustering, centroids recomputed with centroids_for); with
---assets it scores the assets' own stored centroids unless --centroid-modes says otherwise.
+--assets it scores the assets' own stored centroids unless --centroid-modes says otherwise (several
+asset folders of one head, e.g. mean and fitted centroids, are scored in one pass over the dense
+logits).
 Metric definitions: benchmarks.fidelity_metrics.  The dense reference is h @ W^T in fp32 with W the
 head weight from load_lm_head_weight (fp32 dequantized for a GGUF).
 """
@@ -39,7 +41,7 @@ TEMPERATURES = (0.6, 1.0)
 @dataclass
 class FidelityConfig:
     model: str
-    assets: str | None = None
+    assets: str | tuple[str, ...] | None = None     # one or more asset folders
     tokens: int = 2000                         # positions per data set
     per_item: int | None = 64                  # at most this many positions per conversation
     probes: tuple[int, ...] = (32, 64, 128, 256, 512)
@@ -59,6 +61,8 @@ class FidelityConfig:
     builds: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if isinstance(self.assets, str):
+            self.assets = (self.assets,)
         if self.centroid_modes is None:
             self.centroid_modes = ("stored",) if self.assets else CENTROID_MODES
         if self.per_item is not None and self.per_item < 1:
@@ -121,9 +125,13 @@ def clusterings(cfg: FidelityConfig, weight: torch.Tensor, fp: str
                 ) -> list[tuple[str, FlashHeadAssets]]:
     """(label, assets) per clustering: the given --assets, or built (and cached) per entry."""
     if cfg.assets:
-        assets = FlashHeadAssets.load(cfg.assets)
-        assets.check_matches(weight.to(assets.weight.dtype))
-        return [(f"assets:{Path(cfg.assets).name}", assets)]
+        found = []
+        for folder in cfg.assets:
+            assets = FlashHeadAssets.load(folder)
+            assets.check_matches(weight.to(assets.weight.dtype))
+            cfg.builds.append({"clustering": f"assets:{Path(folder).name}", "params": assets.params})
+            found.append((f"assets:{Path(folder).name}", assets))
+        return found
     found = []
     code = _clustering_code_hash()    # a cached clustering is stale once the algorithm changes
     for spec in cfg.clusterings:
@@ -278,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.fidelity", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF folder, hub id, or .gguf file")
-    p.add_argument("--assets", help="evaluate these FlashHead assets instead of building")
+    p.add_argument("--assets", nargs="+",
+                   help="evaluate these FlashHead asset folders instead of building")
     p.add_argument("--tokens", type=int, default=2000, help="positions per data set")
     p.add_argument("--probes", type=int, nargs="+", default=[32, 64, 128, 256, 512])
     p.add_argument("--per-item", type=int, default=64,
@@ -302,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results/fidelity.json")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
-    cfg = FidelityConfig(model=a.model, assets=a.assets, tokens=a.tokens, probes=tuple(a.probes),
+    cfg = FidelityConfig(model=a.model, assets=tuple(a.assets) if a.assets else None,
+                         tokens=a.tokens, probes=tuple(a.probes),
                          per_item=a.per_item or None,
                          datasets=tuple(a.datasets), clusterings=tuple(a.clusterings),
                          centroid_modes=tuple(a.centroid_modes) if a.centroid_modes else None,
