@@ -87,6 +87,8 @@ def _build_assets_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run_build_assets(args: argparse.Namespace) -> int:
     """Cluster the LM head of args.model and save the assets to args.out; the exit status."""
+    import torch
+
     from fh_compile.always import always_report
     from fh_compile.build_assets import build_assets
     from fh_compile.loading import ModelLoadError, load_lm_head_weight
@@ -94,10 +96,13 @@ def run_build_assets(args: argparse.Namespace) -> int:
     configure_logging(args.quiet, args.verbose)
     try:
         check_out_dir(args.out, args.overwrite)
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}, but CUDA is not available here; use "
+                             f"--device cpu")
         t0 = time.perf_counter()
         log.info("reading the LM head of %s", args.model)
         weight = load_lm_head_weight(args.model)
-    except (OutputDirError, ModelLoadError) as e:
+    except (OutputDirError, ModelLoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     V, D = weight.shape
@@ -109,9 +114,13 @@ def run_build_assets(args: argparse.Namespace) -> int:
     log.info("read the [%d, %d] head in %.1f s; clustering it into clusters of %d rows on %s",
              V, D, time.perf_counter() - t0, args.cluster_size, args.device)
     t0 = time.perf_counter()
-    assets = build_assets(weight.to(args.device), cluster_size=args.cluster_size,
-                          centroid_mode=args.centroid_mode, coarse_iters=args.iters,
-                          fine_iters=args.iters, seed=args.seed, always_ids=always)
+    try:
+        assets = build_assets(weight.to(args.device), cluster_size=args.cluster_size,
+                              centroid_mode=args.centroid_mode, coarse_iters=args.iters,
+                              fine_iters=args.iters, seed=args.seed, always_ids=always)
+    except (TypeError, ValueError) as e:  # settings that do not fit this head
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     seconds = time.perf_counter() - t0
     out = assets.to("cpu").save(args.out)
     print(f"built {assets.num_clusters} clusters of <= {assets.cluster_size} rows for V="

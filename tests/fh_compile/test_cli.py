@@ -122,3 +122,9 @@ def test_console_scripts_are_declared():
     for target in scripts.values():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), target
+
+
+def test_build_assets_bad_settings_exit_2(tiny_hf_untied, tmp_path, capsys):
+    assert _build(tiny_hf_untied, tmp_path / "a", "--cluster-size", "1000") == 2
+    assert "cluster_size 1000 exceeds the vocabulary size" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
