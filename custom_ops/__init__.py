@@ -46,7 +46,7 @@ def flashhead_topk(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tenso
     offsets [K + 1] int64 (CSR: cluster c owns rows offsets[c]:offsets[c + 1]); token_ids [V]
     int64 (vocabulary id of each row); centroid_noise [B, K] or None (added to centroid scores:
     Gumbel noise gives stochastic probing); always_ids [A] int64 vocabulary ids scored at every
-    step whatever the probes (end-of-turn / eos tokens; A <= 256; None or empty: none);
+    step whatever the probes (end-of-turn / eos tokens; A <= 64; None or empty: none);
     always_rows [A] int64 their rows in `weight` (token_ids[always_rows] == always_ids), or None
     to look them up in every call (O(V); FlashHeadLMHead passes both, so the always ids cost
     O(A * D) bytes).  All on one device, contiguous.

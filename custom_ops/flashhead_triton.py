@@ -405,7 +405,7 @@ def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union
     (4 programs per cluster, launched one after another) or 0.291 ms (one program per cluster
     looping over the 4 row blocks).
     Always-scored rows (A > 0; A = 0 compiles the kernel without any of this): always [A] int64
-    rows of the weight (< 256, V given for bounds).  The first A_PROGRAMS programs score them
+    rows of the weight (A <= 64, V given for bounds).  The first A_PROGRAMS programs score them
     (`_score_always_block`, GROUP * BLOCK_C rows each) for every row of h into key slots
     P * C .. P * C + A - 1 (NCAND = P * C + A), or into the row maxima (BEST); the union
     programs follow and turn the slot of an always row inside their clusters into padding, so

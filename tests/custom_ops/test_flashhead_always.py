@@ -171,8 +171,8 @@ def test_bad_always_ids_raise_documented_errors(assets) -> None:
         call(torch.tensor([1, V]))
     with pytest.raises(FlashHeadInputError, match=r"vocabulary ids in \[0, V=1003\)"):
         call(torch.tensor([-1]))
-    with pytest.raises(FlashHeadInputError, match="at most 256"):
-        call(torch.arange(257))
+    with pytest.raises(FlashHeadInputError, match="at most 64"):
+        call(torch.arange(65))
     with pytest.raises(FlashHeadInputError, match="always_rows needs always_ids"):
         op(assets, h, 4, 3, None, torch.tensor([0]))
     with pytest.raises(FlashHeadInputError, match="one row per id"):
