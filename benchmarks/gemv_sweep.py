@@ -1,18 +1,22 @@
-"""GEMV sweep: launch configs of the fused decode linears (custom_ops/fused_linear_triton.py) on
-the real decode shapes, against torch F.linear (cuBLAS) on the same inputs.
+"""GEMV sweep: launch plans of the fused decode linears (custom_ops/fused_linear_triton.py) on the
+real decode shapes, against torch F.linear (cuBLAS) on the same inputs.
 
     python -m benchmarks.gemv_sweep [--quick] [--batch 1 16] [--shapes NAME ...] [--jobs 8]
                                     [--out results/gemv_sweep.json]
 
 Shapes: every linear of a DeepSeek-R1-Distill-Qwen-1.5B and a Gemma-3-270M decode layer (fused
 QKV and gate/up weights, with the norm prologue each gets in the fast decode step) and both dense
-LM heads, bf16.  Each candidate config is timed in CUDA graphs (triton.testing.do_bench_cudagraph,
-median) over rotating copies of the weight (>= 3x the 60 MB L2 in all), so every call reads its
-weight from HBM as in a decode step; GB/s = weight bytes / time, beside the card's measured copy
-bandwidth.  Each candidate's output is checked against an fp32 reference first; a wrong one is
-reported and never wins.  Kernels are compiled first by --jobs worker processes (Triton's disk
-cache), so the run takes ~2-3 minutes.  Printed last: a table per (shape, B), then the winners as
-the Python dict to paste into GEMV_CONFIGS.
+LM heads, bf16.  Candidates: the default plan first, Triton tiles (FMA rows at B = 1, tl.dot
+tiles above), the same with K splits (split-K, for shapes with few blocks of output features),
+and at B > 1 the composite plan (prologue in PyTorch ops + F.linear), timed as torch.compile
+runs it: Inductor's fused prologue kernel + cuBLAS.  Each candidate is timed in CUDA graphs
+(triton.testing.do_bench_cudagraph, median) over rotating copies of the weight (>= 3x the 60 MB
+L2 in all), so every call reads its weight from HBM as in a decode step; GB/s = weight bytes /
+time, beside the card's measured copy bandwidth.  Each candidate's output is checked against an
+fp32 reference first; a wrong one is reported and never wins.  Kernels (and the composite graphs)
+are compiled first by --jobs worker processes (Triton's and Inductor's disk caches), so a --quick
+run takes ~3 minutes.  Printed last: a table per (shape, B), then the winners as the Python dict
+to paste into GEMV_CONFIGS (custom_ops/fused_linear_config.py).
 """
 
 from __future__ import annotations
@@ -83,27 +87,62 @@ class SweepConfig:
             raise ValueError("rep_ms and max_copies must be >= 1, jobs >= 0")
 
 
+def kind_of(shape: GemvShape) -> str:
+    """The shape's GEMV_CONFIGS kind: its prologue."""
+    return "rms_norm" if shape.op == "rms_norm_linear" else shape.act
+
+
 def candidates(shape: GemvShape, B: int, quick: bool) -> list:
-    """Configs to time: FMA rows at B = 1, tl.dot tiles above, plus the default and one of the
-    other kind for comparison; blocks giving fewer than 64 programs (half an H100/H200's SMs)
-    are skipped, except the narrowest."""
+    """Plans to time, the default plan first: FMA rows at B = 1, tl.dot tiles above, one of the
+    other kind for comparison (tiles giving fewer than 64 programs, half an H100/H200's SMs, are
+    skipped, except the narrowest); K splits of a few tiles that bring the grid to 2-8 (B = 1)
+    or 1-4 (B > 1) programs per SM, for shapes with few blocks of output features; COMPOSITE at
+    B > 1."""
     import triton
 
-    from custom_ops.fused_linear_triton import GemvConfig, default_config, fit_config
+    from custom_ops.fused_linear_config import (_SMS, COMPOSITE, MAX_SPLITS, GemvConfig,
+                                                default_config, fit_config)
 
     if B == 1:
         grid = [(1, 2, 2048, 4, 1), (1, 4, 1024, 4, 1), (1, 4, 2048, 8, 1), (1, 8, 512, 4, 1),
                 (1, 8, 1024, 8, 1), (1, 16, 256, 4, 1), (1, 16, 512, 8, 1), (16, 8, 256, 4, 3)]
+        split_tiles = [(1, 8, 512, 4, 1), (1, 16, 512, 4, 1), (1, 4, 1024, 4, 1)]
+        waves = (2, 4, 8)
     else:
         bb = 16 if B <= 16 else 32 if B <= 32 else 64
         grid = [(bb, 8, 256, 4, 3), (bb, 8, 128, 4, 4), (bb, 16, 256, 4, 3), (bb, 16, 128, 4, 4),
                 (bb, 32, 256, 4, 3), (bb, 32, 128, 8, 4), (bb, 64, 128, 4, 3), (1, 8, 512, 4, 1)]
+        split_tiles = [(bb, 64, 128, 4, 3), (bb, 128, 128, 8, 3), (bb, 32, 256, 4, 3)]
+        waves = (1, 2, 4)
     if quick:
-        grid = grid[1::2]
+        grid, split_tiles = grid[1::2], split_tiles[:2]
     narrowest = min(g[1] for g in grid)
-    out = [default_config(shape.N, shape.K, B)]
+    out = [default_config(kind_of(shape), shape.N, shape.K, B)]
     out += [GemvConfig(*g) for g in grid if triton.cdiv(shape.N, g[1]) >= 64 or g[1] == narrowest]
-    return list(dict.fromkeys(fit_config(c, shape.K, torch.bfloat16) for c in out))
+    for tile in split_tiles:
+        blocks = triton.cdiv(shape.N, tile[1])
+        for w in waves:
+            splits = min(MAX_SPLITS, triton.cdiv(w * _SMS, blocks))
+            if splits >= 2:
+                out.append(GemvConfig(*tile, splits=splits))
+    if B > 1:
+        out.append(COMPOSITE)
+    fitted = [c if c == COMPOSITE else fit_config(c, shape.K, torch.bfloat16) for c in out]
+    return list(dict.fromkeys(fitted))
+
+
+def plan_tuple(plan) -> object:
+    """A plan as the table and the JSON rows record it: a config tuple or "composite"."""
+    from dataclasses import astuple
+
+    return plan if isinstance(plan, str) else astuple(plan)
+
+
+def plan_of(value) -> object:
+    """The inverse of `plan_tuple` (JSON turns tuples into lists)."""
+    from custom_ops.fused_linear_config import plan_of_entry
+
+    return plan_of_entry(value if isinstance(value, str) else tuple(value))
 
 
 def make_inputs(shape: GemvShape, B: int, copies: int, seed: int = 0, device: str = "cuda",
@@ -145,15 +184,34 @@ def reference(shape: GemvShape, d: dict, w: torch.Tensor) -> torch.Tensor:
     return act_linear_reference(d["x"], w, shape.act)
 
 
-def _compile_job(job: tuple[str, int, tuple]) -> tuple[tuple, Optional[str]]:
-    """Worker: compile one (shape, B, config) by running it once (fills Triton's disk cache)."""
-    from custom_ops.fused_linear_triton import GemvConfig
+def composite_fn(shape: GemvShape, d: dict):
+    """w -> out of the composite plan as torch.compile runs it inside the op (Inductor fuses the
+    prologue into one kernel; F.linear stays cuBLAS); act "none" is F.linear alone (eager)."""
+    from custom_ops.fused_linear_config import COMPOSITE
 
-    name, B, cfg = job
+    def fn(w: torch.Tensor) -> torch.Tensor:
+        return call(shape, d, w, COMPOSITE)
+
+    if kind_of(shape) == "none":
+        return fn
+    torch._dynamo.reset()           # a fresh cache: one graph per (shape, B), no recompile limit
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def _compile_job(job: tuple[str, int, object]) -> tuple[tuple, Optional[str]]:
+    """Worker: compile one (shape, B, plan) by running it once (fills Triton's and Inductor's
+    disk caches)."""
+    import torch._inductor.config
+
+    name, B, plan = job
     try:
+        torch._inductor.config.compile_threads = 1      # the pool is the parallelism
         shape = _SHAPES[name]
         d = make_inputs(shape, B, 1)
-        call(shape, d, d["weights"][0], GemvConfig(*cfg))
+        if plan == "composite":
+            composite_fn(shape, d)(d["weights"][0])
+        else:
+            call(shape, d, d["weights"][0], plan_of(plan))
         torch.cuda.synchronize()
         return job, None
     except Exception as e:                          # reported by the timing loop again
@@ -203,8 +261,8 @@ def run(cfg: SweepConfig) -> tuple[dict, list[dict]]:
     plan = [(_SHAPES[n], B, candidates(_SHAPES[n], B, cfg.quick))
             for n in cfg.shapes for B in cfg.batch_sizes]
     if cfg.jobs > 0:
-        precompile([(s.name, B, tuple(asdict(c).values())) for s, B, cands in plan
-                    for c in cands], cfg.jobs)
+        precompile([(s.name, B, plan_tuple(c)) for s, B, cands in plan for c in cands],
+                   cfg.jobs)
     rows: list[dict] = []
     for shape, B, cands in plan:
         wbytes = shape.N * shape.K * 2
@@ -219,13 +277,17 @@ def run(cfg: SweepConfig) -> tuple[dict, list[dict]]:
                            cfg.rep_ms)
         rows.append(dict(base, method="cublas", config=None, ms=ms, gbps=wbytes / ms / 1e6))
         for c in cands:
-            row = dict(base, method="triton", config=list(asdict(c).values()))
+            composite = c == "composite"
+            row = dict(base, method="composite" if composite else "triton",
+                       config=c if composite else list(plan_tuple(c)))
             try:
-                out = call(shape, d, d["weights"][0], c).float()
+                fn = composite_fn(shape, d) if composite else (
+                    lambda w, c=c: call(shape, d, w, c))
+                out = fn(d["weights"][0]).float()
                 err = float((out - ref).abs().max())
                 if not bool(((out - ref).abs() <= tol).all()):
                     raise AssertionError(f"wrong output: max abs error {err:.3g}")
-                ms = time_rotating(lambda w: call(shape, d, w, c), d["weights"], cfg.rep_ms)
+                ms = time_rotating(fn, d["weights"], cfg.rep_ms)
                 row.update(ms=ms, gbps=wbytes / ms / 1e6, max_err=err)
             except Exception as e:                  # one bad config must not end the sweep
                 row.update(ms=None, gbps=None, error=f"{type(e).__name__}: {e}"[:300])
@@ -241,45 +303,62 @@ def run(cfg: SweepConfig) -> tuple[dict, list[dict]]:
 
 
 def winners(rows: list[dict]) -> dict:
-    """{(N, K, bucket): config tuple} of the fastest correct candidate per (shape, B)."""
-    from custom_ops.fused_linear_triton import batch_bucket
+    """{(kind, N, K, bucket): config tuple or "composite"} of the fastest correct candidate per
+    (shape, B)."""
+    from custom_ops.fused_linear_config import batch_bucket
 
     best: dict = {}
     for r in rows:
-        if r["method"] == "triton" and r["ms"] is not None:
-            key = (r["N"], r["K"], batch_bucket(r["B"]))
+        if r["method"] in ("triton", "composite") and r["ms"] is not None:
+            kind = "rms_norm" if r["op"] == "rms_norm_linear" else r["act"]
+            key = (kind, r["N"], r["K"], batch_bucket(r["B"]))
             if key not in best or r["ms"] < best[key]["ms"]:
                 best[key] = r
-    return {k: tuple(r["config"]) for k, r in best.items()}
+    return {k: r["config"] if isinstance(r["config"], str) else tuple(r["config"])
+            for k, r in best.items()}
+
+
+def _us(rs: list[dict]) -> str:
+    """The fastest correct time of rows rs in us, as a 9-wide column ("-" if none ran)."""
+    ok = [r["ms"] for r in rs if r["ms"] is not None]
+    return f"{min(ok) * 1e3:9.1f}" if ok else f"{'-':>9s}"
+
+
+def _split(r: dict) -> bool:
+    return r["method"] == "triton" and len(r["config"]) > 5 and r["config"][5] > 1
 
 
 def print_table(meta: dict, rows: list[dict]) -> None:
     bw = meta["copy_gbps"]
-    print(f"\n{meta['gpu']}, bf16, copy bandwidth {bw:.0f} GB/s; GB/s = weight bytes / time")
-    print(f"{'shape':22s} {'B':>3s} {'MB':>6s} {'cuBLAS us':>9s} {'GB/s':>6s} "
-          f"{'default us':>10s} {'best us':>8s} {'GB/s':>6s} {'%copy':>6s} {'vs cuBLAS':>9s}  best")
+    print(f"\n{meta['gpu']}, bf16, copy bandwidth {bw:.0f} GB/s; GB/s = weight bytes / time; "
+          f"times in us: cuBLAS F.linear (no prologue), the default plan, the best Triton tiles "
+          f"without / with K splits, the composite plan (compiled), the best of all")
+    print(f"{'shape':22s} {'B':>3s} {'MB':>6s} {'cuBLAS':>9s} {'default':>9s} {'tiles':>9s} "
+          f"{'split-K':>9s} {'composite':>9s} {'best':>9s} {'GB/s':>6s} {'%copy':>6s} "
+          f"{'vs cuBLAS':>9s}  best plan")
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["shape"], r["B"]), []).append(r)
     for (name, B), rs in groups.items():
         cub = next(r for r in rs if r["method"] == "cublas")
-        tri = [r for r in rs if r["method"] == "triton" and r["ms"] is not None]
-        if not tri:
-            print(f"{name:22s} {B:3d}  no config ran: {rs[-1].get('error')}")
+        ran = [r for r in rs if r["method"] != "cublas" and r["ms"] is not None]
+        if not ran:
+            print(f"{name:22s} {B:3d}  no plan ran: {rs[-1].get('error')}")
             continue
-        best = min(tri, key=lambda r: r["ms"])
-        dflt = rs[1]                                # candidates() puts the default first
-        dms = f"{dflt['ms'] * 1e3:10.1f}" if dflt["ms"] is not None else f"{'error':>10s}"
+        best = min(ran, key=lambda r: r["ms"])
+        plan = best["config"] if isinstance(best["config"], str) else tuple(best["config"])
+        tiles = [r for r in rs if r["method"] == "triton" and not _split(r)]
         print(f"{name:22s} {B:3d} {cub['weight_bytes'] / 1e6:6.1f} {cub['ms'] * 1e3:9.1f} "
-              f"{cub['gbps']:6.0f} {dms} {best['ms'] * 1e3:8.1f} {best['gbps']:6.0f} "
-              f"{100 * best['gbps'] / bw:5.0f}% {cub['ms'] / best['ms']:8.2f}x  "
-              f"{tuple(best['config'])}")
+              f"{_us(rs[1:2])} {_us(tiles)} {_us([r for r in rs if _split(r)])} "
+              f"{_us([r for r in rs if r['method'] == 'composite'])} {best['ms'] * 1e3:9.1f} "
+              f"{best['gbps']:6.0f} {100 * best['gbps'] / bw:5.0f}% "
+              f"{cub['ms'] / best['ms']:8.2f}x  {plan}")       # rs[1]: the default plan
     bad = [r for r in rows if r.get("error")]
     if bad:
         print(f"{len(bad)} candidate(s) failed, e.g. {bad[0]['shape']} B={bad[0]['B']} "
               f"{bad[0]['config']}: {bad[0]['error']}")
-    print("\n# (N, K, bucket): (block_b, block_n, block_k, num_warps, num_stages); paste into "
-          "custom_ops/fused_linear_triton.py GEMV_CONFIGS")
+    print("\n# (kind, N, K, bucket): (block_b, block_n, block_k, num_warps, num_stages, splits) "
+          "or 'composite'; paste into custom_ops/fused_linear_config.py GEMV_CONFIGS")
     print("GEMV_CONFIGS = {")
     for k, v in sorted(winners(rows).items()):
         print(f"    {k!r}: {v!r},")
@@ -289,7 +368,7 @@ def print_table(meta: dict, rows: list[dict]) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gemv_sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="half the candidate configs")
+    p.add_argument("--quick", action="store_true", help="about half the candidate plans")
     p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 1 16)")
     p.add_argument("--shapes", nargs="+", choices=list(_SHAPES), help="default: all")
     p.add_argument("--jobs", type=int, default=8, help="compile workers (0: none)")

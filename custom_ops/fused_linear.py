@@ -2,8 +2,9 @@
 
 Layout of this file: input checks, the torch.library registrations (`triton_op`, so Inductor sees
 the Triton kernels of custom_ops/fused_linear_triton.py on CUDA; on CPU the body runs the PyTorch
-reference), then the references.  Output shapes depend only on input shapes, so the ops trace
-with fake tensors, export, and are CUDA-graph safe (no host sync, no .item()).
+reference), then the references and the composite plan (PyTorch prologue + F.linear).  Output
+shapes depend only on input shapes, so the ops trace with fake tensors, export, and are CUDA-graph
+safe (no host sync, no .item()).
 
 Dimensions: B rows, K input features, N output features.  Math is fp32; `_round` marks where the
 result is rounded to the activation dtype (the ▸ of the design notes), and the kernels round at
@@ -96,7 +97,7 @@ def rms_norm_linear_op(x: torch.Tensor, residual: Optional[torch.Tensor],
                        weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
                        norm_offset: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, N], residual_out [B, K]); see custom_ops.rms_norm_linear.  CPU: the reference;
-    CUDA: `_fused_gemv_kernel`."""
+    CUDA: the plan of custom_ops/fused_linear_config.py (Triton kernel or composite)."""
     check_rms_norm_linear_inputs(x, residual, branch_norm, norm, weight, bias, eps, norm_offset)
     if x.device.type != "cuda":
         return rms_norm_linear_reference(x, residual, branch_norm, norm, weight, bias, eps,
@@ -108,7 +109,8 @@ def rms_norm_linear_op(x: torch.Tensor, residual: Optional[torch.Tensor],
 
 @triton_op("flashhead::act_linear", mutates_args=())
 def act_linear_op(x: torch.Tensor, weight: torch.Tensor, act: str) -> torch.Tensor:
-    """out [B, N]; see custom_ops.act_linear.  CPU: the reference; CUDA: `_fused_gemv_kernel`."""
+    """out [B, N]; see custom_ops.act_linear.  CPU: the reference; CUDA: the plan of
+    custom_ops/fused_linear_config.py (Triton kernel or composite)."""
     check_act_linear_inputs(x, weight, act)
     if x.device.type != "cuda":
         return act_linear_reference(x, weight, act)
@@ -127,6 +129,30 @@ def _rms(v: torch.Tensor, w: torch.Tensor, eps: float, offset: float) -> torch.T
     return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * (offset + w.float())
 
 
+def rms_norm_prologue(x: torch.Tensor, residual: Optional[torch.Tensor],
+                      branch_norm: Optional[torch.Tensor], norm: torch.Tensor, eps: float,
+                      norm_offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, r): rms_norm_linear's product input y [B, K] and residual_out r [B, K], both new
+    tensors in x's dtype (formulas: `rms_norm_linear_reference`)."""
+    dt = x.dtype
+    b = x.float()
+    if branch_norm is not None:
+        b = _round(_rms(b, branch_norm, eps, norm_offset), dt)
+    r = _round(b + residual.float(), dt) if residual is not None else b
+    return _rms(r, norm, eps, norm_offset).to(dt), r.to(dt, copy=True)
+
+
+def act_prologue(x: torch.Tensor, act: str) -> torch.Tensor:
+    """act_linear's product input h [B, K] in x's dtype: x itself for "none", else
+    round(act(gate) * up) of x [B, 2K] = [gate | up]."""
+    if act == "none":
+        return x
+    gate, up = x.float().chunk(2, dim=-1)
+    a = (torch.nn.functional.silu(gate) if act == "silu_mul"
+         else torch.nn.functional.gelu(gate, approximate="tanh"))
+    return (a * up).to(x.dtype)
+
+
 def rms_norm_linear_reference(x: torch.Tensor, residual: Optional[torch.Tensor],
                               branch_norm: Optional[torch.Tensor], norm: torch.Tensor,
                               weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
@@ -141,16 +167,11 @@ def rms_norm_linear_reference(x: torch.Tensor, residual: Optional[torch.Tensor],
       out = round(y @ weight^T + bias)                                -> out [B, N]
     round: to x's dtype.  Returns (out, residual_out), new tensors in x's dtype.
     """
-    dt = x.dtype
-    b = x.float()
-    if branch_norm is not None:
-        b = _round(_rms(b, branch_norm, eps, norm_offset), dt)
-    r = _round(b + residual.float(), dt) if residual is not None else b
-    y = _round(_rms(r, norm, eps, norm_offset), dt)
-    out = y @ weight.float().t()                                        # [B, N] fp32
+    y, r = rms_norm_prologue(x, residual, branch_norm, norm, eps, norm_offset)
+    out = y.float() @ weight.float().t()                                # [B, N] fp32
     if bias is not None:
         out = out + bias.float()
-    return out.to(dt), r.to(dt, copy=True)
+    return out.to(x.dtype), r
 
 
 def act_linear_reference(x: torch.Tensor, weight: torch.Tensor, act: str) -> torch.Tensor:
@@ -160,12 +181,24 @@ def act_linear_reference(x: torch.Tensor, weight: torch.Tensor, act: str) -> tor
     [gate | up], h = round(act(gate) * up) with act = silu or gelu's tanh approximation,
     out = round(h @ weight^T).  weight [N, K]; round: to x's dtype.  Returns out [B, N].
     """
-    dt = x.dtype
-    if act == "none":
-        h = x.float()
-    else:
-        gate, up = x.float().chunk(2, dim=-1)
-        a = (torch.nn.functional.silu(gate) if act == "silu_mul"
-             else torch.nn.functional.gelu(gate, approximate="tanh"))
-        h = _round(a * up, dt)
-    return (h @ weight.float().t()).to(dt)
+    return (act_prologue(x, act).float() @ weight.float().t()).to(x.dtype)
+
+
+# The COMPOSITE plan of the CUDA ops (custom_ops/fused_linear_config.py): the prologue in PyTorch
+# ops and the product by F.linear in x's dtype (fp32 accumulation).  Called from the triton_op
+# body, so under torch.compile Inductor traces them: one fused prologue kernel (the residual add
+# and norm with their rounding, or the activation-mul) and cuBLAS or Inductor's own mm.
+
+def rms_norm_linear_composite(x: torch.Tensor, residual: Optional[torch.Tensor],
+                              branch_norm: Optional[torch.Tensor], norm: torch.Tensor,
+                              weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
+                              norm_offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """rms_norm_linear_reference's contract: (out [B, N], residual_out [B, K]); weight read
+    once by F.linear (bias added in its epilogue)."""
+    y, r = rms_norm_prologue(x, residual, branch_norm, norm, eps, norm_offset)
+    return torch.nn.functional.linear(y, weight, bias), r
+
+
+def act_linear_composite(x: torch.Tensor, weight: torch.Tensor, act: str) -> torch.Tensor:
+    """act_linear_reference's contract: out [B, N] = F.linear(act_prologue(x, act), weight)."""
+    return torch.nn.functional.linear(act_prologue(x, act), weight)

@@ -1,6 +1,6 @@
 """Triton GEMV kernels of the fused decode linears: `rms_norm_linear` and `act_linear` on CUDA.
 
-Dimensions: B rows of the batch (1..64 at decode), N output features, K input features.
+Dimensions: B rows of the batch (1..64 at decode), N output features, K input features, S splits.
 
 At decode time every linear is a matrix-vector product bound by reading the weight once, so one
 kernel (`_fused_gemv_kernel`) does both ops: each program owns BLOCK_N output features, streams
@@ -10,94 +10,42 @@ go BLOCK_B at a time: BLOCK_B = 1 multiplies and sums elementwise (no tl.dot, B 
 {16, 32, 64} runs tl.dot on the batch padded to BLOCK_B rows, so the weight is read from HBM once
 for up to 64 rows (later row blocks of B > 64 re-read it, mostly from L2).
 
-Configs come from `GEMV_CONFIGS` (keyed by N, K and a batch bucket; benchmarks/gemv_sweep.py
-prints a new table from a GPU sweep) and otherwise from `default_config`; no autotuning, so the
-launch is the same in eager mode, under torch.compile and inside a CUDA graph.
+Split-K (S > 1, grid (N blocks, S)): program (j, s) reduces one contiguous chunk of K (whole
+BLOCK_K steps) for every row, reading only that chunk of x for the act prologues (so the act-mul
+is computed once per element per block of output features, not once per split), and stores an
+fp32 partial [B, BLOCK_N]; the last program of block j to arrive (an atomic counter per block,
+reset to 0 by that program, so the next call or CUDA-graph replay starts clean) sums the S
+partials in split order (deterministic), adds the bias and stores the output.  Narrow, long-K
+weights (a down projection) get enough programs this way, with short K loops each.  The RMSNorm
+prologue still sums squares over the whole row in every program (the norm must be known before
+the product), so splits help it less.
+
+Plans (a GemvConfig or the composite PyTorch path) come from custom_ops/fused_linear_config.py:
+the measured table `GEMV_CONFIGS` or `default_config`; no autotuning, so the launch is the same in
+eager mode, under torch.compile and inside a CUDA graph.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import triton
 import triton.language as tl
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 from triton.runtime.jit import JITFunction
 
-# Prologue of `_fused_gemv_kernel` (constexpr PROLOGUE).
+from custom_ops.fused_linear import act_linear_composite, rms_norm_linear_composite
+# Re-exported: callers and tests use them from here.
+from custom_ops.fused_linear_config import (COMPOSITE, GEMV_CONFIGS, GemvConfig,  # noqa: F401
+                                            batch_bucket, default_config, fit_config,
+                                            pick_config)
+
+# Prologue of `_fused_gemv_kernel` (constexpr PROLOGUE), and its plan-table kind.
 NONE, SILU_MUL, GELU_TANH_MUL, RMS_NORM = 0, 1, 2, 3
 ACT_PROLOGUES = {"none": NONE, "silu_mul": SILU_MUL, "gelu_tanh_mul": GELU_TANH_MUL}
-
-# Measured best configs: (N, K, batch bucket) -> (block_b, block_n, block_k, num_warps,
-# num_stages); block_k counts 16-bit elements (fp32 weights use half as many, the same bytes).
-# Buckets: "b1" (B = 1), "b16" (B <= 16), "b32" (B <= 32), "b64" (B > 32; B > 64 loops over
-# 64-row blocks).  Paste the dict that `python -m benchmarks.gemv_sweep` prints last.
-GEMV_CONFIGS: dict[tuple[int, int, str], tuple[int, int, int, int, int]] = {}
-
-_SMS = 132          # programs per wave on an H100/H200; the default config aims for >= 2 waves
-
-
-@dataclass(frozen=True)
-class GemvConfig:
-    """Launch config of `_fused_gemv_kernel`.
-
-    block_b: rows of x per tile, 1 (elementwise FMA) or 16/32/64 (tl.dot); block_n: output
-    features per program (>= 8 for tl.dot: 16 x 8 x 16 mma tiles; smaller is padded);
-    block_k: K chunk per loop step (elements of the weight's dtype); num_warps, num_stages:
-    Triton's launch options (num_stages pipelines only the tl.dot loop: the FMA loop's sm_90
-    code is the same for every num_stages, triton 3.9)."""
-    block_b: int
-    block_n: int
-    block_k: int
-    num_warps: int = 4
-    num_stages: int = 2
-
-    def __post_init__(self) -> None:
-        for name in ("block_n", "block_k", "num_warps"):
-            v = getattr(self, name)
-            if v < 1 or v & (v - 1):
-                raise ValueError(f"GemvConfig.{name} must be a power of two, got {v}")
-        if self.block_b not in (1, 16, 32, 64):
-            raise ValueError(f"GemvConfig.block_b must be 1, 16, 32 or 64, got {self.block_b}")
-        if self.block_b > 1 and (self.block_n < 8 or self.block_k < 16):
-            raise ValueError(f"tl.dot tiles (block_b > 1) need block_n >= 8 and block_k >= 16 "
-                             f"(the mma tile is 16 x 8 x 16), got block_n={self.block_n}, "
-                             f"block_k={self.block_k}")
-        if self.num_stages < 1:
-            raise ValueError(f"GemvConfig.num_stages must be >= 1, got {self.num_stages}")
-
-
-def batch_bucket(B: int) -> str:
-    """The GEMV_CONFIGS bucket of a batch of B rows."""
-    return "b1" if B <= 1 else "b16" if B <= 16 else "b32" if B <= 32 else "b64"
-
-
-def default_config(N: int, K: int, B: int) -> GemvConfig:
-    """Config for shapes the table lacks: the widest block of output features that still gives
-    >= 2 waves of programs (narrow N: narrow blocks, so every SM streams); at B = 1 steps of
-    8 KB of weight (16-bit), which keeps the fp32 accumulator at 32 registers a thread."""
-    if B <= 1:
-        block_n = next((bn for bn in (16, 8, 4, 2) if triton.cdiv(N, bn) >= 2 * _SMS), 1)
-        return GemvConfig(1, block_n, min(2048, 4096 // block_n), num_warps=4, num_stages=1)
-    block_b = 16 if B <= 16 else 32 if B <= 32 else 64
-    block_n = next((bn for bn in (32, 16) if triton.cdiv(N, bn) >= 2 * _SMS), 8)
-    return GemvConfig(block_b, block_n, 256 if block_b < 64 else 128, num_warps=4, num_stages=3)
-
-
-def fit_config(cfg: GemvConfig, K: int, dtype: torch.dtype) -> GemvConfig:
-    """cfg with block_k in elements of dtype (table block_k counts 16-bit ones), <= K's
-    next power of two."""
-    block_k = cfg.block_k // 2 if dtype == torch.float32 else cfg.block_k
-    block_k = max(16, min(block_k, triton.next_power_of_2(K)))
-    return GemvConfig(cfg.block_b, cfg.block_n, block_k, cfg.num_warps, cfg.num_stages)
-
-
-def pick_config(N: int, K: int, B: int, dtype: torch.dtype) -> GemvConfig:
-    """The GEMV_CONFIGS entry of (N, K, B's bucket), else `default_config`, fitted to K."""
-    entry = GEMV_CONFIGS.get((N, K, batch_bucket(B)))
-    return fit_config(GemvConfig(*entry) if entry is not None else default_config(N, K, B), K,
-                      dtype)
+KIND_OF = {NONE: "none", SILU_MUL: "silu_mul", GELU_TANH_MUL: "gelu_tanh_mul", RMS_NORM: "rms_norm"}
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -189,33 +137,48 @@ def _x_chunk(x_ptr, res_ptr, bn_ptr, norm_ptr, rows, row_ok, k, K, inv_x, inv_r,
 
 @triton.jit
 def _fused_gemv_kernel(x_ptr, res_ptr, bn_ptr, norm_ptr, w_ptr, bias_ptr, out_ptr, rout_ptr,
-                       B, N, K, eps, norm_offset, PROLOGUE: tl.constexpr,
+                       ws_ptr, count_ptr, B, N, K, S, eps, norm_offset, PROLOGUE: tl.constexpr,
                        HAS_RES: tl.constexpr, HAS_BN: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       EVEN_K: tl.constexpr, DOT_IEEE: tl.constexpr, BLOCK_B: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       EVEN_K: tl.constexpr, DOT_IEEE: tl.constexpr, SPLIT: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out [B, N] = prologue(x) [B, K] @ weight[N, K]^T (+ bias [N]), fp32 accumulation.
 
     Inputs: x [B, K] ([B, 2K] = [gate | up] for the act-mul prologues), weight [N, K] and out in
     one dtype (bf16/fp16/fp32); bias [N] that dtype (HAS_BIAS); RMS_NORM also reads residual
     [B, K] (HAS_RES), branch_norm [K] (HAS_BN) and norm [K] (any float dtype) and writes
-    residual_out [B, K] (program 0 only); pointers of absent tensors are never read.
+    residual_out [B, K] (program (0, 0) only); pointers of absent tensors are never read.
     Prologues (fp32 math, rounded to x's dtype where the reference rounds):
       RMS_NORM: b = x or round(rms(x) * (norm_offset + branch_norm)); r = round(b + residual) or
         b -> residual_out; input = round(rms(r) * (norm_offset + norm)), rms(v) = v / sqrt(mean
-        (v^2) + eps).  Each program first sums r^2 over K per row (and x^2 before it with
-        HAS_BN), then normalizes each chunk in the main loop.
+        (v^2) + eps).  Each program first sums r^2 over all of K per row (and x^2 before it with
+        HAS_BN), then normalizes each chunk of its K range in the main loop.
       SILU_MUL / GELU_TANH_MUL: input = round(act(gate) * up); NONE: input = x.
-    Every element of out (and residual_out) is written; rows are independent (no ties).
-    Grid (cdiv(N, BLOCK_N),).  DOT_IEEE: fp32 products in tl.dot (fp32 weights), not TF32.
-    Cost: N * K * elt bytes of weight read once from HBM for B <= BLOCK_B (the floor: 55 MB
-    for the 1.5B model's gate/up, 12.8 us at 4.3 TB/s), plus per program B * K * elt of x (1-3
-    passes, from L1/L2), and elt * B * N (+ B * K) written.  Speed per shape and config:
-    benchmarks/gemv_sweep.py (not measured yet when this was written: no GPU at hand).
+    Grid (cdiv(N, BLOCK_N), S).  SPLIT (S > 1): program (j, s) covers K columns [s c, (s + 1) c)
+    with c = ceil(ceil(K / S) / BLOCK_K) BLOCK_K, stores fp32 partials to ws [S, B, N], and the
+    last of block j's S programs (count [cdiv(N, BLOCK_N)] int32, zero on entry and on exit) sums
+    them in split order, so results do not depend on arrival order.  Every element of out (and
+    residual_out) is written; rows are independent (no ties).  DOT_IEEE: fp32 products in tl.dot
+    (fp32 weights), not TF32.
+    Cost: N * K * elt bytes of weight read once from HBM for B <= BLOCK_B (the floor: 55 MB for
+    the 1.5B model's gate/up, 12.8 us at 4.3 TB/s); per program B * (its K range) * elt of x for
+    the act prologues (2x for act-mul), B * K * elt * (2-3 passes) for RMS_NORM, from L1/L2;
+    SPLIT adds 2 * S * B * N * 4 bytes of partials (L2).  Speed per shape and plan:
+    benchmarks/gemv_sweep.py (first H200 sweep, before split-K: in the 1.5B's down projection at
+    B = 1, 17.2 us vs cuBLAS 12.5 us, too few programs with long K loops; at B = 16, 116 us, the
+    act-mul re-read per 8-wide block).
     """
     pid = tl.program_id(0)
+    s = tl.program_id(1)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     w_rows = w_ptr + n.to(tl.int64)[:, None] * K                       # [BLOCK_N, 1]
+    if SPLIT:
+        chunk = tl.cdiv(tl.cdiv(K, S), BLOCK_K) * BLOCK_K
+        k_lo = s * chunk
+        k_hi = tl.minimum(k_lo + chunk, K)
+    else:
+        k_lo = 0
+        k_hi = K
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
         row_ok = rows < B
@@ -225,14 +188,14 @@ def _fused_gemv_kernel(x_ptr, res_ptr, bn_ptr, norm_ptr, w_ptr, bias_ptr, out_pt
             if HAS_BN:
                 inv_x = _inv_rms(x_ptr, res_ptr, bn_ptr, rout_ptr, rows, row_ok, K, eps, inv_x,
                                  norm_offset, 0, False, HAS_RES, HAS_BN, BLOCK_B, BLOCK_K)
-            write_rows = tl.where(pid == 0, B, 0)           # program 0 writes residual_out
+            write_rows = tl.where((pid == 0) & (s == 0), B, 0)  # one program writes residual_out
             inv_r = _inv_rms(x_ptr, res_ptr, bn_ptr, rout_ptr, rows, row_ok, K, eps, inv_x,
                              norm_offset, write_rows, True, HAS_RES, HAS_BN, BLOCK_B, BLOCK_K)
         if BLOCK_B == 1:
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             xk = _x_chunk(x_ptr, res_ptr, bn_ptr, norm_ptr, rows, row_ok, k, K, inv_x, inv_r,
                           norm_offset, PROLOGUE, HAS_RES, HAS_BN, EVEN_K)   # [BLOCK_B, BLOCK_K]
@@ -251,52 +214,122 @@ def _fused_gemv_kernel(x_ptr, res_ptr, bn_ptr, norm_ptr, w_ptr, bias_ptr, out_pt
             y = tl.sum(acc, axis=1)[None, :]                                # [1, BLOCK_N]
         else:
             y = acc                                                         # [BLOCK_B, BLOCK_N]
+        out = rows[:, None].to(tl.int64) * N + n[None, :]
+        out_mask = row_ok[:, None] & n_ok[None, :]
+        if SPLIT:                                   # partial of split s: ws[s, rows, n]
+            tl.store(ws_ptr + s.to(tl.int64) * B * N + out, y, mask=out_mask)
+        else:
+            if HAS_BIAS:
+                y += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + out, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+    if SPLIT:
+        # The barrier orders every thread's partial stores before the counter's release; the
+        # last program's acquire orders its partial loads (.cg: from L2, past the SM's L1,
+        # which is not coherent with other SMs' stores) after every other program's release.
+        tl.debug_barrier()
+        done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+        if done == S - 1:
+            _sum_splits(ws_ptr, bias_ptr, out_ptr, n, n_ok, B, N, S, HAS_BIAS, BLOCK_B, BLOCK_N)
+            tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed")          # clean for the next call
+
+
+@triton.jit
+def _sum_splits(ws_ptr, bias_ptr, out_ptr, n, n_ok, B, N, S, HAS_BIAS: tl.constexpr,
+                BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[:, n] = round(sum over s = 0..S-1 in order of ws[s, :, n] (+ bias[n]))."""
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        out = rows[:, None].to(tl.int64) * N + n[None, :]
+        out_mask = (rows < B)[:, None] & n_ok[None, :]
+        y = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        part = ws_ptr + out                     # split t's partial: a pointer step of B * N each
+        for _ in range(0, S):
+            y += tl.load(part, mask=out_mask, other=0.0, cache_modifier=".cg")
+            part += B * N
         if HAS_BIAS:
             y += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        out = rows[:, None].to(tl.int64) * N + n[None, :]
-        tl.store(out_ptr + out, y.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & n_ok[None, :])
+        tl.store(out_ptr + out, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+# Counters of the last-program reduction, one int32 per block of output features, zero between
+# calls: one buffer per device for eager calls (the summing program resets what it used).
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _traced(t: torch.Tensor) -> bool:
+    """Whether torch.compile / torch.export / make_fx are tracing (fake or functional tensors)."""
+    return (torch.compiler.is_compiling() or type(t) is not torch.Tensor
+            or bool(_get_current_dispatch_mode_stack()))
+
+
+def _counters(n: Union[int, torch.SymInt], device: torch.device, traced: bool) -> torch.Tensor:
+    """n zeroed int32 counters.  Traced: a fresh zeroed buffer (Inductor keeps no state between
+    calls; one fill kernel beside the GEMV).  Eager: the device's persistent buffer, grown as
+    needed outside CUDA-graph capture (inside one, a buffer too small is replaced by a fresh
+    zeroed one for that call only).  Not safe for two calls running at once on two streams."""
+    if traced:
+        return torch.zeros((n,), dtype=torch.int32, device=device)
+    buf = _COUNTERS.get(device)
+    if buf is not None and buf.numel() >= n:
+        return buf
+    fresh = torch.zeros((max(n, 4096),), dtype=torch.int32, device=device)
+    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _COUNTERS[device] = fresh
+    return fresh
 
 
 def fused_gemv(x: torch.Tensor, weight: torch.Tensor, prologue: int, *,
                residual: Optional[torch.Tensor] = None,
                branch_norm: Optional[torch.Tensor] = None, norm: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, eps: float = 0.0, norm_offset: float = 0.0,
-               config: Optional[GemvConfig] = None
+               config: Union[GemvConfig, str, None] = None
                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Launch `_fused_gemv_kernel`: (out [B, N], residual_out [B, K] for RMS_NORM else None).
+    """Run one plan: (out [B, N], residual_out [B, K] for RMS_NORM else None).
 
     Inputs already checked (custom_ops.fused_linear): weight [N, K] contiguous; x [B, K]
-    ([B, 2K] for the act-mul prologues) contiguous, weight's dtype.  config: None picks one
-    from GEMV_CONFIGS / `default_config`; benchmarks pass their own.  No host sync.
+    ([B, 2K] for the act-mul prologues) contiguous, weight's dtype.  config: a GemvConfig
+    (launched as given: fit it with `fit_config`), COMPOSITE, or None to pick the plan of
+    custom_ops/fused_linear_config.py from the shapes and dtype.  No host sync.
     """
     N, K = weight.shape
     B = x.shape[0]
     dev, dt = x.device, x.dtype
+    plan = config if config is not None else pick_config(KIND_OF[prologue], N, K, B, dt)
+    if plan == COMPOSITE:
+        if prologue == RMS_NORM:
+            assert norm is not None
+            return rms_norm_linear_composite(x, residual, branch_norm, norm, weight, bias, eps,
+                                             norm_offset)
+        return act_linear_composite(x, weight, KIND_OF[prologue]), None
+    assert isinstance(plan, GemvConfig), plan
     out = _empty((B, N), dt, dev)                                       # out: [B, N]
     rout = _empty((B, K), dt, dev) if prologue == RMS_NORM else None    # residual_out: [B, K]
-    if B == 0:
+    if statically_known_true(B == 0):
         return out, rout
-    cfg = config if config is not None else pick_config(N, K, B, dt)
+    nb, S = triton.cdiv(N, plan.block_n), plan.splits
+    ws = _empty((S, B, N), torch.float32, dev) if S > 1 else out        # ws: [S, B, N] fp32
+    count = _counters(nb, dev, _traced(x)) if S > 1 else out            # count: [>= nb] int32
     # Absent tensors: the kernel never touches their pointers; read-only stand-ins are x and
     # the written one is out (a tensor both read and written would look aliased to Inductor).
-    _launch(_fused_gemv_kernel, (triton.cdiv(N, cfg.block_n),))(
+    # EVEN_K only where K is known to divide (a symbolic K takes the masked loads).
+    _launch(_fused_gemv_kernel, (nb, S))(
         x, residual if residual is not None else x, branch_norm if branch_norm is not None else x,
         norm if norm is not None else x, weight, bias if bias is not None else x, out,
-        rout if rout is not None else out, B, N, K, eps, norm_offset, PROLOGUE=prologue,
-        HAS_RES=residual is not None, HAS_BN=branch_norm is not None,
-        HAS_BIAS=bias is not None, EVEN_K=K % cfg.block_k == 0, DOT_IEEE=dt == torch.float32,
-        BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        rout if rout is not None else out, ws, count, B, N, K, S, eps, norm_offset,
+        PROLOGUE=prologue, HAS_RES=residual is not None, HAS_BN=branch_norm is not None,
+        HAS_BIAS=bias is not None, EVEN_K=statically_known_true(K % plan.block_k == 0),
+        DOT_IEEE=dt == torch.float32, SPLIT=S > 1, BLOCK_B=plan.block_b,
+        BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, num_warps=plan.num_warps,
+        num_stages=plan.num_stages)
     return out, rout
 
 
 def rms_norm_linear_triton(x: torch.Tensor, residual: Optional[torch.Tensor],
                            branch_norm: Optional[torch.Tensor], norm: torch.Tensor,
                            weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
-                           norm_offset: float, config: Optional[GemvConfig] = None
+                           norm_offset: float, config: Union[GemvConfig, str, None] = None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """custom_ops.fused_linear.rms_norm_linear_reference's contract with the Triton kernel."""
+    """custom_ops.fused_linear.rms_norm_linear_reference's contract on CUDA (any plan)."""
     out, rout = fused_gemv(x, weight, RMS_NORM, residual=residual, branch_norm=branch_norm,
                            norm=norm, bias=bias, eps=eps, norm_offset=norm_offset,
                            config=config)
@@ -305,6 +338,6 @@ def rms_norm_linear_triton(x: torch.Tensor, residual: Optional[torch.Tensor],
 
 
 def act_linear_triton(x: torch.Tensor, weight: torch.Tensor, act: str,
-                      config: Optional[GemvConfig] = None) -> torch.Tensor:
-    """custom_ops.fused_linear.act_linear_reference's contract with the Triton kernel."""
+                      config: Union[GemvConfig, str, None] = None) -> torch.Tensor:
+    """custom_ops.fused_linear.act_linear_reference's contract on CUDA (any plan)."""
     return fused_gemv(x, weight, ACT_PROLOGUES[act], config=config)[0]

@@ -1,4 +1,4 @@
-"""benchmarks.gemv_sweep without a GPU: candidate configs, winner table, config errors, exit 2."""
+"""benchmarks.gemv_sweep without a GPU: candidate plans, winner table, config errors, exit 2."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks import gemv_sweep as gs
-from custom_ops.fused_linear_triton import GemvConfig, default_config
+from custom_ops.fused_linear_config import COMPOSITE, GEMV_CONFIGS, GemvConfig, default_config
 
 
 def test_without_cuda_exits_with_a_message(capsys, monkeypatch) -> None:
@@ -21,13 +21,31 @@ def test_without_cuda_exits_with_a_message(capsys, monkeypatch) -> None:
 def test_candidates(shape) -> None:
     for B in (1, 16):
         cands = gs.candidates(shape, B, quick=False)
-        assert all(isinstance(c, GemvConfig) for c in cands) and len(set(cands)) == len(cands)
-        d = default_config(shape.N, shape.K, B)
-        assert (cands[0].block_b, cands[0].block_n) == (d.block_b, d.block_n), "default first"
-        kinds = {c.block_b == 1 for c in cands[1:]}
-        assert kinds == {True, False} or len(cands) <= 4, "both tile kinds are compared"
-        assert all(c.block_k <= max(16, 2 * shape.K) for c in cands)
-        assert len(gs.candidates(shape, B, quick=True)) <= len(cands)
+        assert all(isinstance(c, GemvConfig) or c == COMPOSITE for c in cands)
+        assert len(set(cands)) == len(cands)
+        d = default_config(gs.kind_of(shape), shape.N, shape.K, B)
+        if d == COMPOSITE:
+            assert cands[0] == COMPOSITE, "default first"
+        else:
+            assert (cands[0].block_b, cands[0].block_n, cands[0].splits > 1) == (
+                d.block_b, d.block_n, d.splits > 1), "default first"
+        configs = [c for c in cands if c != COMPOSITE]
+        assert (COMPOSITE in cands) == (B > 1), "the composite plan is compared at B > 1"
+        assert {c.block_b == 1 for c in configs} == {True, False}, "both tile kinds compared"
+        # K splits for the shapes with few blocks of output features, never for the LM heads
+        if "lm_head" in shape.name or "down" in shape.name:
+            assert any(c.splits > 1 for c in configs) == ("down" in shape.name), shape.name
+        assert all(c.block_k <= max(16, 2 * shape.K) for c in configs)
+        quick = gs.candidates(shape, B, quick=True)
+        assert len(quick) <= len(cands) and quick[0] == cands[0]
+        for c in cands:             # each survives the trip through the JSON rows
+            assert gs.plan_of(list(gs.plan_tuple(c)) if c != COMPOSITE else c) == c
+
+
+def test_quick_sweep_size() -> None:
+    # ~3 minutes on the H200: about 135 plans for the 10 shapes at B = 1 and 16
+    n = sum(len(gs.candidates(s, B, quick=True)) for s in gs.SHAPES for B in (1, 16))
+    assert 100 <= n <= 150, n
 
 
 def test_config_errors() -> None:
@@ -37,20 +55,32 @@ def test_config_errors() -> None:
         gs.SweepConfig(batch_sizes=(0,))
 
 
-def test_winner_table_prints_a_pasteable_dict(capsys) -> None:
+def test_winner_table_prints_a_pasteable_dict(capsys, monkeypatch) -> None:
     base = dict(shape="qwen1.5b/down", op="act_linear", act="silu_mul", N=1536, K=8960,
                 weight_bytes=1536 * 8960 * 2, copies=7)
     rows = [dict(base, B=1, method="cublas", config=None, ms=0.010, gbps=2752.0),
-            dict(base, B=1, method="triton", config=[1, 4, 1024, 4, 1], ms=0.008, gbps=3440.0),
-            dict(base, B=1, method="triton", config=[1, 2, 2048, 4, 1], ms=0.007, gbps=3931.0),
-            dict(base, B=1, method="triton", config=[1, 8, 512, 4, 1], ms=None, gbps=None,
+            dict(base, B=1, method="triton", config=[1, 4, 1024, 4, 1, 1], ms=0.008,
+                 gbps=3440.0),
+            dict(base, B=1, method="triton", config=[1, 8, 512, 4, 1, 6], ms=0.007,
+                 gbps=3931.0),
+            dict(base, B=1, method="triton", config=[1, 8, 512, 4, 1, 1], ms=None, gbps=None,
                  error="AssertionError: wrong output"),
             dict(base, B=16, method="cublas", config=None, ms=0.02, gbps=1376.0),
-            dict(base, B=16, method="triton", config=[16, 8, 256, 4, 3], ms=0.012, gbps=2293.0)]
-    assert gs.winners(rows) == {(1536, 8960, "b1"): (1, 2, 2048, 4, 1),
-                                (1536, 8960, "b16"): (16, 8, 256, 4, 3)}
+            dict(base, B=16, method="composite", config="composite", ms=0.015, gbps=1835.0),
+            dict(base, B=16, method="triton", config=[16, 64, 128, 4, 3, 10], ms=0.016,
+                 gbps=1720.0)]
+    want = {("silu_mul", 1536, 8960, "b1"): (1, 8, 512, 4, 1, 6),
+            ("silu_mul", 1536, 8960, "b16"): "composite"}
+    assert gs.winners(rows) == want
     gs.print_table({"gpu": "test card", "copy_gbps": 4300.0}, rows)
     out = capsys.readouterr().out
     table = ast.literal_eval(out[out.index("GEMV_CONFIGS = ") + len("GEMV_CONFIGS = "):])
-    assert table == gs.winners(rows)
+    assert table == want
     assert "1 candidate(s) failed" in out and "1.43x" in out    # 0.010 / 0.007
+    # the printed table is a valid GEMV_CONFIGS: the ops pick these plans from it
+    from custom_ops.fused_linear_config import pick_config
+
+    for key, value in table.items():
+        monkeypatch.setitem(GEMV_CONFIGS, key, value)
+    assert pick_config("silu_mul", 1536, 8960, 1, torch.bfloat16).splits == 6
+    assert pick_config("silu_mul", 1536, 8960, 16, torch.bfloat16) == COMPOSITE

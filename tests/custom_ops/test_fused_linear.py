@@ -1,5 +1,6 @@
 """flashhead::rms_norm_linear and flashhead::act_linear on CPU: op == reference, reference == an
-independent composition of torch ops, opcheck, fullgraph compile, export, input errors, configs."""
+independent composition of torch ops, opcheck, fullgraph compile, export, input errors.  Plans
+(configs, K splits, the composite path, symbolic sizes): test_fused_linear_plans.py."""
 
 from __future__ import annotations
 
@@ -192,24 +193,3 @@ def test_front_is_exported() -> None:
                                        "act_linear_reference"}
     out = rms_norm_linear(*rms_args(torch.float32))
     assert isinstance(out, custom_ops.NormLinearOut) and isinstance(out, tuple)
-
-
-def test_config_table_and_validation(monkeypatch) -> None:
-    # Host-side config choice only (no kernel launch), so it runs on CPU.
-    from custom_ops import fused_linear_triton as flt
-
-    with pytest.raises(ValueError, match="power of two"):
-        flt.GemvConfig(1, 12, 256)
-    with pytest.raises(ValueError, match="block_b must be 1, 16, 32 or 64"):
-        flt.GemvConfig(8, 16, 256)
-    with pytest.raises(ValueError, match="need block_n >= 8 and block_k >= 16"):
-        flt.GemvConfig(16, 4, 256)
-    assert [flt.batch_bucket(b) for b in (1, 2, 16, 17, 32, 33, 64, 65)] == [
-        "b1", "b16", "b16", "b32", "b32", "b64", "b64", "b64"]
-    for b in (1, 7, 16, 40, 200):           # defaults are valid configs for any shape
-        for n, k in ((1536, 8960), (151936, 1536), (40, 96)):
-            cfg = flt.pick_config(n, k, b, torch.bfloat16)
-            assert (cfg.block_b == 1) == (b == 1) and cfg.block_k <= max(16, 2 * k)
-    monkeypatch.setitem(flt.GEMV_CONFIGS, (1536, 8960, "b1"), (1, 4, 2048, 8, 3))
-    assert flt.pick_config(1536, 8960, 1, torch.bfloat16) == flt.GemvConfig(1, 4, 2048, 8, 3)
-    assert flt.pick_config(1536, 8960, 1, torch.float32).block_k == 1024   # same bytes a row

@@ -1,0 +1,154 @@
+"""Launch plans of the fused decode linears (custom_ops/fused_linear_triton.py).
+
+A plan is either a `GemvConfig` (the Triton GEMV kernel: tile sizes, launch options and the number
+of K splits) or `COMPOSITE`: the prologue (residual add + RMSNorm, or the activation-mul) in
+PyTorch ops and the product by F.linear (cuBLAS eagerly; under torch.compile, Inductor traces the
+op body, fuses the prologue into one kernel and calls cuBLAS or its own mm template).
+
+The plan depends on the op's prologue kind, the weight's N and K, the batch's bucket and the dtype,
+never on values, so the launch is the same in eager mode, under torch.compile and in a CUDA graph.
+Traced with symbolic sizes (dynamic shapes, torch.export Dims), the plan is chosen from the sizes'
+example values without adding guards: every plan computes the same result for any size, so a graph
+reused at other sizes stays correct (it may be slower there).
+
+Dimensions: B rows, N output features, K input features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+import triton
+
+# The op's prologue, the first element of a GEMV_CONFIGS key.
+KINDS = ("rms_norm", "none", "silu_mul", "gelu_tanh_mul")
+COMPOSITE = "composite"         # a plan (and a GEMV_CONFIGS value): PyTorch prologue + F.linear
+MAX_SPLITS = 64
+_SMS = 132          # programs per wave on an H100/H200
+
+# Measured best plans: (kind, N, K, batch bucket) -> (block_b, block_n, block_k, num_warps,
+# num_stages[, splits]) or "composite"; block_k counts 16-bit elements (fp32 weights use half as
+# many, the same bytes).  Buckets: "b1" (B = 1), "b16" (B <= 16), "b32" (B <= 32), "b64" (B > 32;
+# B > 64 loops over 64-row blocks).  Paste the dict that `python -m benchmarks.gemv_sweep` prints.
+GEMV_CONFIGS: dict[tuple[str, int, int, str], Union[tuple[int, ...], str]] = {}
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch config of `_fused_gemv_kernel`.
+
+    block_b: rows of x per tile, 1 (elementwise FMA) or 16/32/64 (tl.dot); block_n: output
+    features per program (>= 8 for tl.dot: 16 x 8 x 16 mma tiles); block_k: K chunk per loop step
+    (elements of the weight's dtype); num_warps, num_stages: Triton's launch options (num_stages
+    pipelines only the tl.dot loop); splits: programs along K per block of output features, each
+    reducing a contiguous chunk of K into an fp32 partial that the last of them sums (1: none)."""
+    block_b: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 2
+    splits: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "block_k", "num_warps"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"GemvConfig.{name} must be a power of two, got {v}")
+        if self.block_b not in (1, 16, 32, 64):
+            raise ValueError(f"GemvConfig.block_b must be 1, 16, 32 or 64, got {self.block_b}")
+        if self.block_b > 1 and (self.block_n < 8 or self.block_k < 16):
+            raise ValueError(f"tl.dot tiles (block_b > 1) need block_n >= 8 and block_k >= 16 "
+                             f"(the mma tile is 16 x 8 x 16), got block_n={self.block_n}, "
+                             f"block_k={self.block_k}")
+        if self.num_stages < 1:
+            raise ValueError(f"GemvConfig.num_stages must be >= 1, got {self.num_stages}")
+        if not 1 <= self.splits <= MAX_SPLITS:
+            raise ValueError(f"GemvConfig.splits must be in [1, {MAX_SPLITS}], got {self.splits}")
+
+
+Plan = Union[GemvConfig, str]       # a GemvConfig or COMPOSITE
+
+
+def static_size(v: Union[int, torch.SymInt]) -> int:
+    """A size as a Python int; a symbolic size's example value, without adding a guard (plans
+    change speed only).  A size without one (data-dependent) counts as 64."""
+    if isinstance(v, torch.SymInt):
+        hint = v.node.hint
+        return int(hint) if hint is not None else 64
+    return int(v)
+
+
+def batch_bucket(B: int) -> str:
+    """The GEMV_CONFIGS bucket of a batch of B rows."""
+    return "b1" if B <= 1 else "b16" if B <= 16 else "b32" if B <= 32 else "b64"
+
+
+def _splits(N: int, K: int, block_n: int, block_k: int, min_steps: int) -> int:
+    """K splits for grids of few output blocks: enough for ~4 programs per SM, each split still
+    at least min_steps loop steps long (a long sequential K loop per program is what leaves a
+    narrow, long-K weight like a down projection latency bound)."""
+    programs = triton.cdiv(N, block_n)
+    if programs >= 4 * _SMS:
+        return 1
+    return max(1, min(triton.cdiv(4 * _SMS, programs), triton.cdiv(K, block_k) // min_steps,
+                      MAX_SPLITS))
+
+
+def default_config(kind: str, N: int, K: int, B: int) -> Plan:
+    """Plan for shapes the table lacks.
+
+    B = 1: FMA rows; the widest block of output features that still gives >= 2 waves of
+    programs, steps of 8 KB of weight (16-bit; an fp32 accumulator of 32 registers a thread),
+    split along K where the grid is small (`_splits`).
+    B >= 4 with the RMSNorm prologue, B >= 16 with an activation-mul: COMPOSITE.  Every Triton
+    program recomputes its prologue from x, re-reading ~2-5 B * K elements per block of output
+    features; at these batches that traffic rivals the weight (the first H200 sweep: 2x slower than
+    cuBLAS at B = 16), while one fused prologue kernel + cuBLAS costs about one extra launch.
+    Otherwise tl.dot tiles: 64 output features wide for the act prologues (x re-read per weight
+    element: 2 B / 64) with K splits for small grids; 8-32 wide for RMSNorm at B < 4."""
+    if B <= 1:
+        block_n = next((bn for bn in (16, 8, 4, 2) if triton.cdiv(N, bn) >= 2 * _SMS), 1)
+        block_k = min(2048, 4096 // block_n)
+        return GemvConfig(1, block_n, block_k, 4, 1, _splits(N, K, block_n, block_k, 2))
+    if (kind == "rms_norm" and B >= 4) or (kind in ("silu_mul", "gelu_tanh_mul") and B >= 16):
+        return COMPOSITE
+    block_b = 16 if B <= 16 else 32 if B <= 32 else 64
+    if kind == "rms_norm":
+        block_n = next((bn for bn in (32, 16) if triton.cdiv(N, bn) >= 2 * _SMS), 8)
+        return GemvConfig(block_b, block_n, 256, 4, 3)
+    return GemvConfig(block_b, 64, 128, 4, 3, _splits(N, K, 64, 128, 2))
+
+
+def fit_config(cfg: GemvConfig, K: int, dtype: torch.dtype) -> GemvConfig:
+    """cfg with block_k in elements of dtype (table block_k counts 16-bit ones), <= K's next
+    power of two, and at most as many splits as K steps, evened out so none is empty
+    (splits s of chunk = ceil(ceil(K / S) / block_k) block_k elements)."""
+    block_k = cfg.block_k // 2 if dtype == torch.float32 else cfg.block_k
+    block_k = max(16, min(block_k, triton.next_power_of_2(K)))
+    steps = triton.cdiv(K, block_k)
+    splits = min(cfg.splits, steps)
+    splits = triton.cdiv(steps, triton.cdiv(steps, splits))
+    return GemvConfig(cfg.block_b, cfg.block_n, block_k, cfg.num_warps, cfg.num_stages, splits)
+
+
+def plan_of_entry(entry: Union[tuple[int, ...], str]) -> Plan:
+    """A GEMV_CONFIGS value as a plan (5-tuples have no splits: 1)."""
+    if entry == COMPOSITE:
+        return COMPOSITE
+    if isinstance(entry, str):
+        raise ValueError(f"a GEMV_CONFIGS value is a config tuple or {COMPOSITE!r}, got {entry!r}")
+    return GemvConfig(*entry)
+
+
+def pick_config(kind: str, N: Union[int, torch.SymInt], K: Union[int, torch.SymInt],
+                B: Union[int, torch.SymInt], dtype: torch.dtype) -> Plan:
+    """The GEMV_CONFIGS entry of (kind, N, K, B's bucket), else `default_config`; configs are
+    fitted to K and dtype.  Symbolic sizes: their example values (`static_size`)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    N, K, B = static_size(N), static_size(K), static_size(B)
+    entry = GEMV_CONFIGS.get((kind, N, K, batch_bucket(B)))
+    plan = plan_of_entry(entry) if entry is not None else default_config(kind, N, K, B)
+    return plan if plan == COMPOSITE else fit_config(plan, K, dtype)
