@@ -97,16 +97,16 @@ def check_inputs(h: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor,
             fail(f"{name} must be contiguous; call .contiguous() on it")
 
 
-# CUDA always-id tensors whose values were checked, with the versions then seen: a tensor passed
-# at every step (FlashHeadLMHead's buffers) is read back once, not once per call.
+# Always-id tensors whose values were checked, with the (storage, version) of the tensors then
+# seen: those passed at every step (FlashHeadLMHead's buffers) are read back once, not per call.
 _ALWAYS_CHECKED = WeakIdKeyDictionary()
 
 
 def _values_readable(t: torch.Tensor) -> bool:
-    """Whether reading t's values now is possible and cheap: a real tensor (not traced by
-    torch.compile / torch.export / make_fx), not inside CUDA-graph capture, and on CUDA not
-    already checked at this version."""
-    if (type(t) is not torch.Tensor or torch.compiler.is_compiling()
+    """Whether t's values can be read now: a real tensor with data (not traced by
+    torch.compile / torch.export / make_fx, not on the meta device), not inside CUDA-graph
+    capture."""
+    if (type(t) is not torch.Tensor or t.device.type == "meta" or torch.compiler.is_compiling()
             or _get_current_dispatch_mode_stack()):
         return False
     if t.is_cuda:
@@ -119,15 +119,15 @@ def check_always_values(always_ids: torch.Tensor, always_rows: Optional[torch.Te
     """Raise FlashHeadInputError unless every always id is a vocabulary id in [0, V) and
     always_rows (when given) are their rows: token_ids[always_rows] == always_ids.
 
-    Data-dependent, so it runs only where the values can be read: every call on CPU (O(A)); on
-    CUDA once per tensor and version (one host sync), never while tracing or capturing a CUDA
-    graph (compiled and exported programs rely on the eager or construction-time check).
+    Data-dependent, so it runs only where the values can be read: eagerly, once per set of
+    tensors and versions (on CUDA one host sync), never while tracing or capturing a CUDA graph
+    (compiled and exported programs rely on the eager or construction-time check).
     """
     tensors = [t for t in (always_ids, always_rows, token_ids) if t is not None]
     if not all(_values_readable(t) for t in tensors):
         return
-    key = tuple(t._version for t in tensors) + (token_ids.data_ptr(),)
-    if always_ids.is_cuda and _ALWAYS_CHECKED.get(always_ids) == key:
+    key = tuple((t.data_ptr(), t._version) for t in tensors)
+    if _ALWAYS_CHECKED.get(always_ids) == key:
         return
     V = token_ids.shape[0]
     bad = always_ids[(always_ids < 0) | (always_ids >= V)]
@@ -143,8 +143,7 @@ def check_always_values(always_ids: torch.Tensor, always_rows: Optional[torch.Te
                 "always_rows must be the rows of always_ids in the reordered weight "
                 "(token_ids[always_rows] == always_ids); pass always_rows=None to have them "
                 "looked up")
-    if always_ids.is_cuda:
-        _ALWAYS_CHECKED[always_ids] = key
+    _ALWAYS_CHECKED[always_ids] = key
 
 
 @triton_op("flashhead::topk", mutates_args=())

@@ -183,6 +183,11 @@ def test_bad_always_ids_raise_documented_errors(assets) -> None:
         call(torch.tensor([1]), torch.tensor([V + 5]))
     with pytest.raises(FlashHeadInputError, match="contiguous"):
         call(torch.arange(8)[::2])
+    always = torch.tensor([1, 2])
+    call(always)                            # checked once per tensor version, then remembered
+    always[1] = V                           # an in-place change is a new version: checked again
+    with pytest.raises(FlashHeadInputError, match="vocabulary ids"):
+        call(always)
     if torch.cuda.is_available():
         with pytest.raises(FlashHeadInputError, match="one device"):
             call(torch.tensor([1]).cuda())
