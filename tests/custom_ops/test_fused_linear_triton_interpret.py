@@ -1,4 +1,5 @@
-"""The fused-linear Triton kernel under the Triton interpreter (CPU), against the PyTorch reference.
+"""The fused-linear Triton kernel under the Triton interpreter (CPU), against the PyTorch reference:
+every tile kind, split-K (even and ragged chunks, an empty split, the counters' reset).
 
 Run in its own process:
     TRITON_INTERPRET=1 pytest -m interpret tests/custom_ops/test_fused_linear_triton_interpret.py
@@ -106,3 +107,58 @@ def test_empty_batch() -> None:
     out, rout = flt.rms_norm_linear_triton(torch.empty(0, K), None, None, torch.ones(K),
                                            torch.randn(N, K), None, 1e-6, 0.0)
     assert out.shape == (0, N) and rout.shape == (0, K)
+
+
+# Split-K: even chunks (K = 96 = 3 x 32), a chunk that K does not fill (64 + 32, a masked tail),
+# an empty split (4 splits of 32 for 3 steps), FMA rows and tl.dot tiles.
+SPLITS = {
+    "fma_s3": GemvConfig(1, 16, 32, splits=3),
+    "fma_s2_tail": GemvConfig(1, 8, 64, splits=2),
+    "dot16_s4_empty": GemvConfig(16, 16, 32, splits=4),
+    "dot32_s2_tail": GemvConfig(32, 8, 64, splits=2),
+}
+ACTS = ("silu_mul", "gelu_tanh_mul", "none")
+
+
+def counters_clean() -> bool:
+    """The persistent counters of eager split-K calls are all back to zero."""
+    buf = flt._COUNTERS.get(torch.device("cpu"))
+    return buf is not None and not bool(buf.any())
+
+
+@pytest.mark.parametrize("B", [1, 3, 17])
+@pytest.mark.parametrize("name", list(SPLITS))
+def test_split_k_matches_reference(fresh_seed, B, name) -> None:
+    cfg = SPLITS[name]
+    i = list(SPLITS).index(name) + B
+    res, bn = i % 2 == 0, i % 3 != 0                 # every prologue variant across the cases
+    args = (*rms_inputs(B, res, bn, res != bn), 1e-6, 1.0 if bn else 0.0)
+    out, rout = flt.rms_norm_linear_triton(*args, config=cfg)
+    ref_out, ref_rout = rms_norm_linear_reference(*args)
+    torch.testing.assert_close(out, ref_out, **TOL)
+    torch.testing.assert_close(rout, ref_rout, rtol=1e-6, atol=1e-6)
+    assert counters_clean()
+    act = ACTS[i % 3]
+    x = 2 * torch.randn(B, K if act == "none" else 2 * K)
+    w = torch.randn(N, K) / K ** 0.5
+    out = flt.act_linear_triton(x, w, act, config=cfg)
+    assert out.shape == (B, N)
+    torch.testing.assert_close(out, act_linear_reference(x, w, act), **TOL)
+    assert counters_clean()
+
+
+def test_split_k_two_calls_in_a_row(fresh_seed) -> None:
+    # The last program of each block resets its counter, so the next call (a CUDA-graph replay
+    # on the GPU) counts from zero again; the partials are summed in split order, so the same
+    # inputs give the same bits.
+    cfg = GemvConfig(16, 8, 32, splits=3)
+    w = torch.randn(N, K) / K ** 0.5
+    first = None
+    for _ in range(2):
+        x = 2 * torch.randn(5, 2 * K)
+        out = flt.act_linear_triton(x, w, "silu_mul", config=cfg)
+        torch.testing.assert_close(out, act_linear_reference(x, w, "silu_mul"), **TOL)
+        assert counters_clean()
+        first = first if first is not None else (x, out)
+    again = flt.act_linear_triton(first[0], w, "silu_mul", config=cfg)
+    assert torch.equal(again, first[1])
