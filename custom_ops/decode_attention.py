@@ -15,6 +15,7 @@ traces with fake tensors, exports as one node, and is CUDA-graph safe (no host s
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 from torch.library import triton_op
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -87,6 +88,13 @@ def check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         fail(f"scale must be > 0 (usually Dh ** -0.5), got {scale!r}")
 
 
+def is_traced(t: torch.Tensor) -> bool:
+    """Whether torch.compile / torch.export / make_fx are tracing (fake or functional tensors,
+    or a dispatch mode): then no value may be read on the host."""
+    return (torch.compiler.is_compiling() or type(t) is not torch.Tensor
+            or bool(_get_current_dispatch_mode_stack()))
+
+
 @triton_op("flashhead::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      starts: torch.Tensor, fill: torch.Tensor, scale: float, window: int = 0,
@@ -98,6 +106,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """
     check_inputs(q, k_cache, v_cache, starts, fill, scale, window, softcap)
     if q.device.type != "cuda":
+        if not is_traced(fill):   # eager on CPU: read only the slots up to the fill
+            hi = max(1, min(int(fill.reshape(-1)[0]), k_cache.shape[2]))
+            k_cache, v_cache = k_cache[:, :, :hi], v_cache[:, :, :hi]
         return decode_attention_reference(q, k_cache, v_cache, starts, fill, scale, window,
                                           softcap)
     from custom_ops.decode_attention_triton import triton_decode_attention

@@ -29,8 +29,9 @@ from typing import Any, NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
-from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 from triton.runtime.jit import JITFunction
+
+from custom_ops.decode_attention import is_traced
 
 _HEADS = 16            # query heads per program: tl.dot's smallest M tile
 
@@ -222,12 +223,6 @@ def max_splits(block_d: int) -> int:
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
-def _traced(t: torch.Tensor) -> bool:
-    """Whether torch.compile / torch.export / make_fx are tracing (fake or functional tensors)."""
-    return (torch.compiler.is_compiling() or type(t) is not torch.Tensor
-            or bool(_get_current_dispatch_mode_stack()))
-
-
 def _counters(n: int, device: torch.device, traced: bool) -> torch.Tensor:
     """n zeroed int32 counters.  Traced: a fresh zeroed buffer (Inductor cannot keep state
     between calls), so a compiled graph runs one fill kernel beside the attention kernel.
@@ -272,7 +267,7 @@ def triton_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     part_m = _empty((NP, _HEADS, S), torch.float32, dev)
     part_l = _empty((NP, _HEADS, S), torch.float32, dev)
     part_acc = _empty((NP, _HEADS, S, Dh), torch.float32, dev)
-    count = _counters(NP, dev, _traced(q))                              # count: [>= NP] int32
+    count = _counters(NP, dev, is_traced(q))                              # count: [>= NP] int32
     _launch(_decode_attention_kernel, (NP, S))(
         q, k_cache, v_cache, starts, fill.reshape(1), out, part_m, part_l, part_acc, count,
         float(scale), float(softcap), int(window), blk.min_chunk, L, Hkv, group, ng, DH=Dh, S=S,

@@ -40,6 +40,33 @@ def flashhead_node_count(program: ExportedProgram | torch.fx.GraphModule) -> int
                if isinstance(mod, torch.fx.GraphModule) for node in mod.graph.nodes)
 
 
+def custom_op_counts(program: ExportedProgram | torch.fx.GraphModule) -> dict[str, int]:
+    """{op name: nodes} for the torch.ops.flashhead.* ops in the graph and all its subgraphs."""
+    gm = program.graph_module if isinstance(program, ExportedProgram) else program
+    counts: dict[str, int] = {}
+    for mod in gm.modules():
+        if isinstance(mod, torch.fx.GraphModule):
+            for node in mod.graph.nodes:
+                op = getattr(node.target, "_schema", None)
+                if node.op == "call_function" and op is not None and op.name.startswith("flashhead::"):
+                    counts[op.name] = counts.get(op.name, 0) + 1
+    return counts
+
+
+def check_fast_step_nodes(program: ExportedProgram, step: DecodeStep, name: str) -> None:
+    """A decode program of the fast forward holds ONE node per custom op call: per layer one
+    decode_attention and one rope_kv_write, two rms_norm_linear and two act_linear."""
+    n = step.num_layers
+    want = {"flashhead::decode_attention": n, "flashhead::rope_kv_write": n,
+            "flashhead::rms_norm_linear": 2 * n, "flashhead::act_linear": 2 * n}
+    got = custom_op_counts(program)
+    wrong = {op: got.get(op, 0) for op, k in want.items() if got.get(op, 0) != k}
+    if wrong:
+        raise ExportCheckError(f"the {name} program of the fast forward ({n} layers) holds "
+                               f"{wrong} nodes, expected {want}: an op was decomposed or "
+                               f"traced into")
+
+
 def check_one_flashhead_node(program: ExportedProgram, name: str) -> int:
     count = flashhead_node_count(program)
     if count != 1:
@@ -140,6 +167,8 @@ def save_and_verify(step: DecodeStep, out: Path, prompt: Prompt, steps: int, ver
         t0 = time.perf_counter()
         ep = make()
         nodes = check_one_flashhead_node(ep, name)
+        if name == "decode" and step.fast is not None and step.fast.kernels == "ops":
+            check_fast_step_nodes(ep, step, name)
         paths[name] = out / f"{name}.pt2"
         torch.export.save(ep, paths[name])
         programs[name] = ep
