@@ -149,6 +149,14 @@ def test_given_assets_are_scored_with_their_stored_centroids(tiny_hf_untied, tmp
     for r in given:
         if r["positions_subset"] == "all":
             assert r["top1_agreement"] < mean_top1[r["dataset"]], (r, mean_top1)
+    # Both folders in one run: the same rows as one folder per run.
+    both = tmp_path / "both.json"
+    assert fidelity.main(common + ["--assets", str(folder), str(tmp_path / "negated"),
+                                   "--out", str(both)]) == 0
+    rows = json.loads(both.read_text())["rows"]
+    assert {r["clustering"] for r in rows} == {f"assets:{folder.name}", "assets:negated"}
+    strip = lambda r: {k: v for k, v in r.items() if k != "clustering"}  # noqa: E731
+    assert [strip(r) for r in rows if r["clustering"] == "assets:negated"] == [strip(r) for r in given]
     with pytest.raises(ValueError, match="'stored' scores the centroids saved in --assets"):
         fidelity.main(common + ["--centroid-modes", "stored", "--out", str(out)])
     capsys.readouterr()
