@@ -54,6 +54,7 @@ class TpotConfig:
     position: int = 128               # slots filled before timing
     variants: tuple[str, ...] = ("hf-dense", "hf-fh", "fast-body", "fast-dense", "fast-fh")
     mode: str = "reduce-overhead"
+    compare_mode: str | None = None   # also time fast-fh / fast-dense at the first B and L in it
     new_tokens: int = 32
     rounds: int = 3
     warmup: int = 4
@@ -84,6 +85,7 @@ class Variant:
     name: str
     B: int
     cache_len: int
+    mode: str | None
     step: object
     call: Callable[[], object]
     path: str
@@ -145,7 +147,7 @@ def group(model: torch.nn.Module, assets, forward: str, heads: list[str], B: int
             for _ in range(cfg.warmup):
                 call()
         path = "none" if head == "body" else head_path(view.get_output_embeddings(), B)
-        out.append(Variant(f"{forward}-{head}", B, cache_len, dec.step, call, path,
+        out.append(Variant(f"{forward}-{head}", B, cache_len, mode, dec.step, call, path,
                            dec.info.forward, dec.info.attention, round(first, 2)))
     return out
 
@@ -176,8 +178,9 @@ def row_of(v: Variant, model: torch.nn.Module, assets, cfg: TpotConfig, copy_gbs
     med = statistics.median(v.ms)
     filled = cfg.position + 2 + cfg.new_tokens // 2            # the middle of the timed steps
     floor = step_bytes(model, v.step, assets, v.name.split("-", 1)[1], v.B, cfg.probes, filled)
-    return dict(variant=v.name, forward=v.forward, attention=v.attention, B=v.B,
-                cache_len=v.cache_len, position=cfg.position, path=v.path, mode=cfg.mode,
+    name = v.name if v.mode == cfg.mode else f"{v.name}@{v.mode}"
+    return dict(variant=name, forward=v.forward, attention=v.attention, B=v.B,
+                cache_len=v.cache_len, position=cfg.position, path=v.path, mode=v.mode,
                 tpot_ms=med, tpot_ms_mean=statistics.fmean(v.ms), steps=len(v.ms),
                 tok_per_s=v.B * 1e3 / med, floor_bytes=floor, floor_ms=floor / copy_gbs / 1e6,
                 gb_per_s=floor / med / 1e6, bw_fraction=floor / med / 1e6 / copy_gbs,
@@ -185,16 +188,18 @@ def row_of(v: Variant, model: torch.nn.Module, assets, cfg: TpotConfig, copy_gbs
                 first_call_s=v.first_call_s, raw_ms=[round(x, 4) for x in v.ms])
 
 
-def plan(cfg: TpotConfig) -> list[tuple[str, list[str], int, int]]:
-    """(forward, heads, B, cache_len) groups, most important first: every B at the first
-    capacity, then the others."""
+def plan(cfg: TpotConfig) -> list[tuple[str, list[str], int, int, str | None]]:
+    """(forward, heads, B, cache_len, mode) groups, most important first: every B at the first
+    capacity, then the others, then the fast step in --compare-mode at the first B and L."""
     out = []
     for L in cfg.cache_lens:
         for B in cfg.batches:
             for fwd in FORWARDS:
                 heads = [h for h in HEADS if f"{fwd}-{h}" in cfg.variants]
                 if heads:
-                    out.append((fwd, heads, B, L))
+                    out.append((fwd, heads, B, L, cfg.mode))
+    if cfg.compare_mode:
+        out.append(("fast", ["dense", "fh"], cfg.batches[0], cfg.cache_lens[0], cfg.compare_mode))
     return out
 
 
@@ -231,22 +236,22 @@ def run(cfg: TpotConfig) -> tuple[dict, list[dict]]:
     counters.clear()
     ready: list[Variant] = []
     skipped: list[dict] = []
-    for fwd, heads, B, L in plan(cfg):
+    for fwd, heads, B, L, mode in plan(cfg):
         spent = time.perf_counter() - t_start
         if spent > cfg.budget_s:
             print(f"skip {fwd} B={B} L={L}: {spent:.0f} s spent (--budget-s)", flush=True)
             skipped += [dict(variant=f"{fwd}-{h}", B=B, cache_len=L, skipped=True) for h in heads]
             continue
         try:
-            vs = group(model, assets, fwd, heads, B, L, cfg, cfg.mode)
+            vs = group(model, assets, fwd, heads, B, L, cfg, mode)
         except Exception as e:  # noqa: BLE001  (a failed group is reported, the rest still run)
             print(f"FAILED {fwd} B={B} L={L}: {type(e).__name__}: {e}", flush=True)
             skipped += [dict(variant=f"{fwd}-{h}", B=B, cache_len=L, error=f"{type(e).__name__}: "
                              f"{str(e)[:300]}") for h in heads]
             continue
         for v in vs:
-            print(f"compiled {v.name:<11} B={B:<3} L={L:<6} ({v.forward}, {v.attention}) first "
-                  f"call {v.first_call_s:.1f} s", flush=True)
+            print(f"compiled {v.name:<11} B={B:<3} L={L:<6} ({v.forward}, {v.attention}, "
+                  f"{mode}) first call {v.first_call_s:.1f} s", flush=True)
         ready += vs
     for _ in range(cfg.rounds):
         for v in ready:
@@ -295,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", choices=VARIANTS,
                    default=list(TpotConfig.variants))
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode")
+    p.add_argument("--compare-mode", help="also time the fast step (dense, fh) in this mode at "
+                                          "the first --batch and --cache-len")
     p.add_argument("--new-tokens", type=int, default=32, help="timed steps per variant and round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--probes", type=int, default=256)
@@ -309,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     kw = dict(arch=a.arch, model=a.model, batches=tuple(a.batch), cache_lens=tuple(a.cache_len),
               position=a.position, variants=tuple(a.variants), mode=a.mode,
+              compare_mode=a.compare_mode,
               new_tokens=a.new_tokens, rounds=a.rounds, probes=a.probes, budget_s=a.budget_s,
               out=a.out)
     if a.quick:

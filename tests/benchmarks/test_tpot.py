@@ -34,6 +34,10 @@ def test_groups_share_one_step_and_leave_the_model_alone() -> None:
 
 def test_plan_orders_groups_and_checks_capacity() -> None:
     cfg = TpotConfig(batches=(1, 16), cache_lens=(16384, 256), variants=("hf-dense", "fast-fh"))
-    assert plan(cfg)[:2] == [("hf", ["dense"], 1, 16384), ("fast", ["fh"], 1, 16384)]
+    assert plan(cfg)[:2] == [("hf", ["dense"], 1, 16384, "reduce-overhead"),
+                             ("fast", ["fh"], 1, 16384, "reduce-overhead")]
+    more = TpotConfig(batches=(1,), cache_lens=(256,), variants=("fast-fh",),
+                      compare_mode="max-autotune")
+    assert plan(more)[-1] == ("fast", ["dense", "fh"], 1, 256, "max-autotune")
     with pytest.raises(ValueError, match="cannot hold"):
         TpotConfig(cache_lens=(64,), position=128)
