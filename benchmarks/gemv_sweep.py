@@ -22,6 +22,7 @@ to paste into GEMV_CONFIGS (custom_ops/fused_linear_config.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -75,6 +76,9 @@ class SweepConfig:
     max_copies: int = 128
     quick: bool = False         # fewer candidates
     jobs: int = 8               # compile workers (0: compile in the timing loop)
+    # split-K with a fresh zeroed counter buffer per call (one fill kernel), as torch.compile runs
+    # it; False: the persistent buffer of eager calls (no fill)
+    compiled_counters: bool = True
     out: Path = field(default_factory=lambda: Path("results/gemv_sweep.json"))
 
     def __post_init__(self) -> None:
@@ -112,7 +116,7 @@ def candidates(shape: GemvShape, B: int, quick: bool) -> list:
         bb = 16 if B <= 16 else 32 if B <= 32 else 64
         grid = [(bb, 8, 256, 4, 3), (bb, 8, 128, 4, 4), (bb, 16, 256, 4, 3), (bb, 16, 128, 4, 4),
                 (bb, 32, 256, 4, 3), (bb, 32, 128, 8, 4), (bb, 64, 128, 4, 3), (1, 8, 512, 4, 1)]
-        split_tiles = [(bb, 64, 128, 4, 3), (bb, 128, 128, 8, 3), (bb, 32, 256, 4, 3)]
+        split_tiles = [(bb, 64, 128, 4, 3), (bb, 64, 256, 8, 2), (bb, 32, 128, 4, 3)]
         waves = (1, 2, 4)
     if quick:
         grid, split_tiles = grid[1::2], split_tiles[:2]
@@ -264,42 +268,65 @@ def run(cfg: SweepConfig) -> tuple[dict, list[dict]]:
         precompile([(s.name, B, plan_tuple(c)) for s, B, cands in plan for c in cands],
                    cfg.jobs)
     rows: list[dict] = []
-    for shape, B, cands in plan:
-        wbytes = shape.N * shape.K * 2
-        copies = max(1, min(cfg.max_copies, math.ceil(cfg.rotate_bytes / wbytes)))
-        d = make_inputs(shape, B, copies)
-        ref = reference(shape, d, d["weights"][0]).float()
-        tol = 2e-2 * (1.0 + ref.abs())
-        base = dict(shape=shape.name, op=shape.op, act=shape.act, N=shape.N, K=shape.K, B=B,
-                    weight_bytes=wbytes, copies=copies)
-        bias = d.get("bias")
-        ms = time_rotating(lambda w: torch.nn.functional.linear(d["h"], w, bias), d["weights"],
-                           cfg.rep_ms)
-        rows.append(dict(base, method="cublas", config=None, ms=ms, gbps=wbytes / ms / 1e6))
-        for c in cands:
-            composite = c == "composite"
-            row = dict(base, method="composite" if composite else "triton",
-                       config=c if composite else list(plan_tuple(c)))
-            try:
-                fn = composite_fn(shape, d) if composite else (
-                    lambda w, c=c: call(shape, d, w, c))
-                out = fn(d["weights"][0]).float()
-                err = float((out - ref).abs().max())
-                if not bool(((out - ref).abs() <= tol).all()):
-                    raise AssertionError(f"wrong output: max abs error {err:.3g}")
-                ms = time_rotating(fn, d["weights"], cfg.rep_ms)
-                row.update(ms=ms, gbps=wbytes / ms / 1e6, max_err=err)
-            except Exception as e:                  # one bad config must not end the sweep
-                row.update(ms=None, gbps=None, error=f"{type(e).__name__}: {e}"[:300])
-            rows.append(row)
-        best = min((r for r in rows[-len(cands):] if r["ms"] is not None),
-                   key=lambda r: r["ms"], default=None)
-        print(f"{shape.name:22s} B={B:<3d} cuBLAS {rows[-len(cands) - 1]['ms'] * 1e3:7.1f} us  "
-              f"best {best['ms'] * 1e3 if best else float('nan'):7.1f} us "
-              f"{best['config'] if best else None}", flush=True)
-        del d
-        torch.cuda.empty_cache()
+    with counters_as_compiled(cfg.compiled_counters):
+        for shape, B, cands in plan:
+            rows += time_plans(cfg, shape, B, cands)
     return meta, rows
+
+
+@contextlib.contextmanager
+def counters_as_compiled(on: bool):
+    """Within: split-K launches take a fresh zeroed counter buffer per call (one fill kernel
+    each), as in a torch.compile'd graph (Inductor keeps no state between calls)."""
+    from custom_ops import fused_linear_triton as flt
+
+    saved = flt._traced
+    if on:
+        flt._traced = lambda t: True
+    try:
+        yield
+    finally:
+        flt._traced = saved
+
+
+def time_plans(cfg: SweepConfig, shape: GemvShape, B: int, cands: list) -> list[dict]:
+    """Rows of one (shape, B): cuBLAS, then every candidate plan (checked, then timed)."""
+    rows: list[dict] = []
+    wbytes = shape.N * shape.K * 2
+    copies = max(1, min(cfg.max_copies, math.ceil(cfg.rotate_bytes / wbytes)))
+    d = make_inputs(shape, B, copies)
+    ref = reference(shape, d, d["weights"][0]).float()
+    tol = 2e-2 * (1.0 + ref.abs())
+    base = dict(shape=shape.name, op=shape.op, act=shape.act, N=shape.N, K=shape.K, B=B,
+                weight_bytes=wbytes, copies=copies)
+    bias = d.get("bias")
+    ms = time_rotating(lambda w: torch.nn.functional.linear(d["h"], w, bias), d["weights"],
+                       cfg.rep_ms)
+    rows.append(dict(base, method="cublas", config=None, ms=ms, gbps=wbytes / ms / 1e6))
+    for c in cands:
+        composite = c == "composite"
+        row = dict(base, method="composite" if composite else "triton",
+                   config=c if composite else list(plan_tuple(c)))
+        try:
+            fn = composite_fn(shape, d) if composite else (
+                lambda w, c=c: call(shape, d, w, c))
+            out = fn(d["weights"][0]).float()
+            err = float((out - ref).abs().max())
+            if not bool(((out - ref).abs() <= tol).all()):
+                raise AssertionError(f"wrong output: max abs error {err:.3g}")
+            ms = time_rotating(fn, d["weights"], cfg.rep_ms)
+            row.update(ms=ms, gbps=wbytes / ms / 1e6, max_err=err)
+        except Exception as e:                  # one bad config must not end the sweep
+            row.update(ms=None, gbps=None, error=f"{type(e).__name__}: {e}"[:300])
+        rows.append(row)
+    best = min((r for r in rows[-len(cands):] if r["ms"] is not None),
+               key=lambda r: r["ms"], default=None)
+    print(f"{shape.name:22s} B={B:<3d} cuBLAS {rows[-len(cands) - 1]['ms'] * 1e3:7.1f} us  "
+          f"best {best['ms'] * 1e3 if best else float('nan'):7.1f} us "
+          f"{best['config'] if best else None}", flush=True)
+    del d
+    torch.cuda.empty_cache()
+    return rows
 
 
 def winners(rows: list[dict]) -> dict:
@@ -332,7 +359,8 @@ def print_table(meta: dict, rows: list[dict]) -> None:
     bw = meta["copy_gbps"]
     print(f"\n{meta['gpu']}, bf16, copy bandwidth {bw:.0f} GB/s; GB/s = weight bytes / time; "
           f"times in us: cuBLAS F.linear (no prologue), the default plan, the best Triton tiles "
-          f"without / with K splits, the composite plan (compiled), the best of all")
+          f"without / with K splits (with one counter fill each, as compiled, unless "
+          f"--eager-counters), the composite plan (compiled), the best of all")
     print(f"{'shape':22s} {'B':>3s} {'MB':>6s} {'cuBLAS':>9s} {'default':>9s} {'tiles':>9s} "
           f"{'split-K':>9s} {'composite':>9s} {'best':>9s} {'GB/s':>6s} {'%copy':>6s} "
           f"{'vs cuBLAS':>9s}  best plan")
@@ -372,11 +400,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 1 16)")
     p.add_argument("--shapes", nargs="+", choices=list(_SHAPES), help="default: all")
     p.add_argument("--jobs", type=int, default=8, help="compile workers (0: none)")
+    p.add_argument("--eager-counters", action="store_true",
+                   help="time split-K with the persistent counters of eager calls (default: a "
+                        "zeroed buffer per call, as under torch.compile)")
     p.add_argument("--out", type=Path, default=Path("results/gemv_sweep.json"))
     args = p.parse_args(argv)
     if cuda_missing("benchmarks.gemv_sweep", "the Triton GEMV kernels and CUDA graphs"):
         return 2
-    kw: dict = dict(out=args.out, quick=args.quick, jobs=args.jobs)
+    kw: dict = dict(out=args.out, quick=args.quick, jobs=args.jobs,
+                    compiled_counters=not args.eager_counters)
     if args.batch:
         kw["batch_sizes"] = tuple(args.batch)
     if args.shapes:

@@ -243,7 +243,7 @@ def _sum_splits(ws_ptr, bias_ptr, out_ptr, n, n_ok, B, N, S, HAS_BIAS: tl.conste
         out_mask = (rows < B)[:, None] & n_ok[None, :]
         y = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
         part = ws_ptr + out                     # split t's partial: a pointer step of B * N each
-        for _ in range(0, S):
+        for t in range(0, S):
             y += tl.load(part, mask=out_mask, other=0.0, cache_modifier=".cg")
             part += B * N
         if HAS_BIAS:

@@ -84,3 +84,40 @@ def test_winner_table_prints_a_pasteable_dict(capsys, monkeypatch) -> None:
         monkeypatch.setitem(GEMV_CONFIGS, key, value)
     assert pick_config("silu_mul", 1536, 8960, 1, torch.bfloat16).splits == 6
     assert pick_config("silu_mul", 1536, 8960, 16, torch.bfloat16) == COMPOSITE
+
+
+def test_time_plans_rows_on_cpu(monkeypatch, capsys) -> None:
+    # The timing loop's plumbing without a GPU: inputs on CPU, the Triton plans stubbed by the
+    # reference (wrong for one of them), the composite plan run eagerly, times made up.
+    from custom_ops import fused_linear_triton as flt
+
+    shape = gs.GemvShape("tiny/down", "act_linear", 40, 96, act="silu_mul")
+    real_make = gs.make_inputs
+    monkeypatch.setattr(gs, "make_inputs", lambda s, B, n: real_make(s, B, n, device="cpu"))
+    bad = GemvConfig(16, 16, 32, splits=2)
+
+    def fake_call(s, d, w, plan):
+        if plan == COMPOSITE:
+            return flt.fused_gemv(d["x"], w, flt.SILU_MUL, config=COMPOSITE)[0]
+        return gs.reference(s, d, w) + (1.0 if plan == bad else 0.0)
+
+    monkeypatch.setattr(gs, "call", fake_call)
+    monkeypatch.setattr(gs, "composite_fn", lambda s, d: lambda w: fake_call(s, d, w, COMPOSITE))
+    times = iter([0.010, 0.008, 0.006, 0.007])      # cuBLAS, then the plans in order
+    monkeypatch.setattr(gs, "time_rotating", lambda fn, ws, rep: next(times))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    cands = [GemvConfig(16, 64, 128, 4, 3, splits=2), GemvConfig(16, 8, 32), bad, COMPOSITE]
+    saved = flt._traced
+    with gs.counters_as_compiled(True):
+        assert flt._traced(torch.empty(1)) is True
+        rows = gs.time_plans(gs.SweepConfig(), shape, 16, cands)
+    assert flt._traced is saved
+    assert [r["method"] for r in rows] == ["cublas", "triton", "triton", "triton", "composite"]
+    assert rows[3]["ms"] is None and "wrong output" in rows[3]["error"]
+    assert rows[1]["config"] == [16, 64, 128, 4, 3, 2] and rows[4]["config"] == "composite"
+    assert gs.winners(rows) == {("silu_mul", 40, 96, "b16"): (16, 8, 32, 4, 2, 1)}
+    gs.print_table({"gpu": "test card", "copy_gbps": 4300.0}, rows)
+    out = capsys.readouterr().out
+    line = [ln for ln in out.splitlines() if ln.startswith("tiny/down")][-1]   # the table row
+    # cuBLAS 10.0, default (first) 8.0, tiles 6.0, split-K 8.0, composite 7.0, best 6.0
+    assert line.split()[3:9] == ["10.0", "8.0", "6.0", "8.0", "7.0", "6.0"]

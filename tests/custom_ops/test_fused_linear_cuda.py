@@ -1,5 +1,6 @@
-"""rms_norm_linear / act_linear on CUDA (the Triton GEMV kernel) against the PyTorch reference, on
-the real decode shapes; every tile kind; CUDA graphs; torch.compile.
+"""rms_norm_linear / act_linear on CUDA (the Triton GEMV kernel, split-K, the composite plan)
+against the PyTorch reference, on the real decode shapes; every tile kind; CUDA graphs;
+torch.compile; opcheck (dynamic shapes included) for every plan.
 
 Runs on the GPU machine:  pytest -m cuda tests/custom_ops/test_fused_linear_cuda.py
 Outputs are poisoned (NaN) before every launch, so an unwritten element fails.
@@ -161,3 +162,137 @@ def test_fullgraph_compile(fresh_seed, mode) -> None:
         # integer arguments may differ, so allow the reference tolerance, not bit equality.
         for a, b in zip(got, eager):
             torch.testing.assert_close(a, b, **TOL[torch.bfloat16])
+
+
+# -- split-K and the composite plan -----------------------------------------------------------
+
+def split_configs(B: int) -> list[GemvConfig]:
+    """K-split tiles of each kind for a batch of B rows: FMA rows at B = 1, tl.dot tiles above
+    (a 64- and a 128-wide block), several splits each."""
+    if B == 1:
+        return [GemvConfig(1, 8, 512, 4, 1, splits=4), GemvConfig(1, 16, 256, 4, 1, splits=9)]
+    bb = 16 if B <= 16 else 32 if B <= 32 else 64
+    return [GemvConfig(bb, 64, 128, 4, 3, splits=6), GemvConfig(bb, 128, 128, 8, 3, splits=3)]
+
+
+def counters_clean() -> bool:
+    return all(not bool(buf.any()) for buf in flt._COUNTERS.values())
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Compiled graphs bake the plan in: none may leak between tests that change the table."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("B", [1, 16, 64])
+@pytest.mark.parametrize("shape", LAYER_SHAPES, ids=lambda s: s.name)
+def test_split_k_and_composite_at_real_shapes(fresh_seed, shape, B) -> None:
+    d = make_inputs(shape, B, 1, seed=fresh_seed)
+    w = d["weights"][0]
+    for cfg in split_configs(B):
+        cfg = flt.fit_config(cfg, shape.K, torch.bfloat16)
+        check(shape, d, torch.bfloat16, cfg)
+        assert counters_clean()
+        # partials summed in split order: the same inputs give the same bits
+        assert torch.equal(call(shape, d, w, cfg), call(shape, d, w, cfg))
+    check(shape, d, torch.bfloat16, flt.COMPOSITE)
+
+
+@pytest.mark.parametrize("B", [1, 5, 130])
+def test_split_k_fp32_and_odd_shapes(fresh_seed, B) -> None:
+    # K = 1000 (masked tails, a last chunk K does not fill), N = 333, fp32 IEEE dots, B > 64.
+    g = torch.Generator(device="cuda").manual_seed(fresh_seed)
+    K, N = 1000, 333
+    x, res = (torch.randn(B, K, generator=g, device="cuda") for _ in range(2))
+    nw = torch.randn(K, generator=g, device="cuda") * 0.2 + 1
+    w = torch.randn(N, K, generator=g, device="cuda") / K ** 0.5
+    bias = torch.randn(N, generator=g, device="cuda")
+    x2 = torch.randn(B, 2 * K, generator=g, device="cuda")
+    cfgs = [GemvConfig(1, 8, 256, 4, 1, splits=3), GemvConfig(16, 32, 64, 4, 3, splits=5),
+            GemvConfig(64, 64, 128, 4, 3, splits=4), flt.COMPOSITE]
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        args = (x.to(dt), res.to(dt), None, nw, w.to(dt), bias.to(dt), 1e-6, 0.0)
+        want = custom_ops.rms_norm_linear_reference(*args)
+        want_act = custom_ops.act_linear_reference(x2.to(dt), w.to(dt), "gelu_tanh_mul")
+        for cfg in cfgs:
+            cfg = cfg if cfg == flt.COMPOSITE else flt.fit_config(cfg, K, dt)
+            got = flt.rms_norm_linear_triton(*args, config=cfg)
+            torch.testing.assert_close(got[0], want[0], **TOL[dt])
+            assert torch.equal(got[1], want[1])
+            got = flt.act_linear_triton(x2.to(dt), w.to(dt), "gelu_tanh_mul", config=cfg)
+            torch.testing.assert_close(got, want_act, **TOL[dt])
+        assert counters_clean()
+
+
+def force(monkeypatch, plans: dict) -> None:
+    """Put plans {(kind, N, K, B): GemvConfig or COMPOSITE} into the table the ops read."""
+    for (kind, N, K, B), plan in plans.items():
+        value = plan if plan == flt.COMPOSITE else (plan.block_b, plan.block_n, plan.block_k,
+                                                   plan.num_warps, plan.num_stages, plan.splits)
+        monkeypatch.setitem(flt.GEMV_CONFIGS, (kind, N, K, flt.batch_bucket(B)), value)
+
+
+def mlp_plans(B: int, split: bool) -> dict:
+    """Split-K (or composite) plans for both linears of `_mlp` at B rows."""
+    kinds = (("rms_norm", 2 * 8960, 1536), ("silu_mul", 1536, 8960))
+    return {(kind, N, K, B): (split_configs(B)[0] if split else flt.COMPOSITE)
+            for kind, N, K in kinds}
+
+
+@pytest.mark.parametrize("B,split", [(1, True), (16, True), (16, False)])
+def test_plans_in_cuda_graph_replays(fresh_seed, monkeypatch, B, split) -> None:
+    force(monkeypatch, mlp_plans(B, split))
+    norm, w13, w2 = _mlp_weights(fresh_seed)
+    x, res = (torch.randn(B, 1536, device="cuda").bfloat16() for _ in range(2))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        _mlp(x, res, norm, w13, w2)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, r = _mlp(x, res, norm, w13, w2)
+    for _ in range(3):                  # each replay starts from clean counters
+        x.copy_(torch.randn_like(x))
+        res.copy_(torch.randn_like(res))
+        graph.replay()
+        want = custom_ops.act_linear_reference(
+            custom_ops.rms_norm_linear_reference(x, res, None, norm, w13, None, 1e-6, 0.0)[0],
+            w2, "silu_mul")
+        torch.testing.assert_close(out, want, **TOL[torch.bfloat16])
+        if split:                       # the same kernels eagerly: the same bits
+            assert torch.equal(out, _mlp(x.clone(), res.clone(), norm, w13, w2)[0])
+    assert counters_clean()
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+@pytest.mark.parametrize("B,split", [(1, True), (16, True), (16, False)])
+def test_plans_under_fullgraph_compile(fresh_seed, monkeypatch, fresh_dynamo, mode, B,
+                                       split) -> None:
+    force(monkeypatch, mlp_plans(B, split))
+    norm, w13, w2 = _mlp_weights(fresh_seed)
+    compiled = torch.compile(_mlp, fullgraph=True, mode=mode)
+    x, res = (torch.randn(B, 1536, device="cuda").bfloat16() for _ in range(2))
+    eager = _mlp(x, res, norm, w13, w2)
+    for _ in range(3):                  # reduce-overhead records a graph, then replays it
+        got = [t.clone() for t in compiled(x, res, norm, w13, w2)]
+        for a, b in zip(got, eager):
+            torch.testing.assert_close(a, b, **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("B,plan", [(1, "split"), (3, "split"), (16, "composite")])
+def test_opcheck_every_plan(fresh_seed, monkeypatch, B, plan) -> None:
+    # test_aot_dispatch_dynamic traces the body with symbolic sizes (the SymInt fix)
+    shape = next(s for s in SHAPES if s.name == "gemma3-270m/qkv")
+    d = make_inputs(shape, B, 1, seed=fresh_seed)
+    cfg = split_configs(B)[0] if plan == "split" else flt.COMPOSITE
+    force(monkeypatch, {("rms_norm", 1536, 640, B): cfg, ("silu_mul", 1536, 640, B): cfg})
+    torch.library.opcheck(torch.ops.flashhead.rms_norm_linear.default,
+                          (d["x"], d["residual"], d["branch_norm"], d["norm"], d["weights"][0],
+                           None, 1e-6, 1.0))
+    torch.library.opcheck(torch.ops.flashhead.act_linear.default,
+                          (torch.randn(B, 2 * 640, device="cuda", dtype=torch.bfloat16),
+                           d["weights"][0], "silu_mul"))
