@@ -30,8 +30,9 @@ _SMS = 132          # programs per wave on an H100/H200
 
 # Measured best plans: (kind, N, K, batch bucket) -> (block_b, block_n, block_k, num_warps,
 # num_stages[, splits]) or "composite"; block_k counts 16-bit elements (fp32 weights use half as
-# many, the same bytes).  Buckets: "b1" (B = 1), "b16" (B <= 16), "b32" (B <= 32), "b64" (B > 32;
-# B > 64 loops over 64-row blocks).  Paste the dict that `python -m benchmarks.gemv_sweep` prints.
+# many, the same bytes).  Buckets: "b1" (B = 1), "b4" (B <= 4), "b16" (B <= 16), "b32" (B <= 32),
+# "b64" (B > 32; B > 64 loops over 64-row blocks): a bucket's entry is measured at its largest B
+# (the sweep's batches).  Paste the dict that `python -m benchmarks.gemv_sweep` prints.
 GEMV_CONFIGS: dict[tuple[str, int, int, str], Union[tuple[int, ...], str]] = {}
 
 
@@ -82,7 +83,8 @@ def static_size(v: Union[int, torch.SymInt]) -> int:
 
 def batch_bucket(B: int) -> str:
     """The GEMV_CONFIGS bucket of a batch of B rows."""
-    return "b1" if B <= 1 else "b16" if B <= 16 else "b32" if B <= 32 else "b64"
+    return ("b1" if B <= 1 else "b4" if B <= 4 else "b16" if B <= 16 else "b32" if B <= 32
+            else "b64")
 
 
 def _splits(N: int, K: int, block_n: int, block_k: int, min_steps: int) -> int:
@@ -104,8 +106,10 @@ def default_config(kind: str, N: int, K: int, B: int) -> Plan:
     split along K where the grid is small (`_splits`).
     B >= 4 with the RMSNorm prologue, B >= 16 with an activation-mul: COMPOSITE.  Every Triton
     program recomputes its prologue from x, re-reading ~2-5 B * K elements per block of output
-    features; at these batches that traffic rivals the weight (the first H200 sweep: 2x slower than
-    cuBLAS at B = 16), while one fused prologue kernel + cuBLAS costs about one extra launch.
+    features; at these batches that traffic rivals the weight (first H200 sweep, 8-32 wide tiles
+    at B = 16: 1.5-2.1x cuBLAS's time with RMSNorm, 6-10x with an act-mul), while one fused
+    prologue kernel + cuBLAS costs about one extra launch.  RMSNorm's threshold B >= 4 is
+    interpolated between the measured B = 1 (Triton at par) and B = 16, not measured.
     Otherwise tl.dot tiles: 64 output features wide for the act prologues (x re-read per weight
     element: 2 B / 64) with K splits for small grids; 8-32 wide for RMSNorm at B < 4.  Tiles
     chosen free of register spills in sm_90 builds (triton 3.9, ptxas -v: 168 registers for

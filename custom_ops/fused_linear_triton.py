@@ -11,14 +11,14 @@ go BLOCK_B at a time: BLOCK_B = 1 multiplies and sums elementwise (no tl.dot, B 
 for up to 64 rows (later row blocks of B > 64 re-read it, mostly from L2).
 
 Split-K (S > 1, grid (N blocks, S)): program (j, s) reduces one contiguous chunk of K (whole
-BLOCK_K steps) for every row, reading only that chunk of x for the act prologues (so the act-mul
-is computed once per element per block of output features, not once per split), and stores an
-fp32 partial [B, BLOCK_N]; the last program of block j to arrive (an atomic counter per block,
-reset to 0 by that program, so the next call or CUDA-graph replay starts clean) sums the S
-partials in split order (deterministic), adds the bias and stores the output.  Narrow, long-K
-weights (a down projection) get enough programs this way, with short K loops each.  The RMSNorm
-prologue still sums squares over the whole row in every program (the norm must be known before
-the product), so splits help it less.
+BLOCK_K steps) for every row, reading only that chunk of x, and stores an fp32 partial
+[B, BLOCK_N]; the last program of block j to arrive (an atomic counter per block, reset to 0 by
+that program, so the next call or CUDA-graph replay starts clean) sums the S partials in split
+order (deterministic), adds the bias and stores the output.  So wide blocks of output features
+(x and its act-mul prologue re-read once per block: 2 B / BLOCK_N elements per weight element)
+and narrow, long-K weights (a down projection) still get enough programs, with short K loops
+each.  The RMSNorm prologue sums squares over the whole row in every program (the norm must be
+known before the product), so splits help it less.
 
 Plans (a GemvConfig or the composite PyTorch path) come from custom_ops/fused_linear_config.py:
 the measured table `GEMV_CONFIGS` or `default_config`; no autotuning, so the launch is the same in
@@ -253,7 +253,9 @@ def _sum_splits(ws_ptr, bias_ptr, out_ptr, n, n_ok, B, N, S, HAS_BIAS: tl.conste
 
 # Counters of the last-program reduction, one int32 per block of output features, zero between
 # calls: one buffer per device for eager calls (the summing program resets what it used).
+# Outgrown buffers stay alive: a CUDA graph captured with one keeps using its memory.
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+_OUTGROWN: list[torch.Tensor] = []
 
 
 def _traced(t: torch.Tensor) -> bool:
@@ -274,6 +276,8 @@ def _counters(n: Union[int, torch.SymInt], device: torch.device, traced: bool) -
         return buf
     fresh = torch.zeros((max(n, 4096),), dtype=torch.int32, device=device)
     if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        if buf is not None:
+            _OUTGROWN.append(buf)
         _COUNTERS[device] = fresh
     return fresh
 

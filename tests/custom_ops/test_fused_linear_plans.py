@@ -84,8 +84,8 @@ def test_config_validation() -> None:
 
 
 def test_table_entries_win(monkeypatch) -> None:
-    assert [cfgm.batch_bucket(b) for b in (1, 2, 16, 17, 32, 33, 64, 65)] == [
-        "b1", "b16", "b16", "b32", "b32", "b64", "b64", "b64"]
+    assert [cfgm.batch_bucket(b) for b in (1, 2, 4, 5, 16, 17, 32, 33, 64, 65)] == [
+        "b1", "b4", "b4", "b16", "b16", "b32", "b32", "b64", "b64", "b64"]
     monkeypatch.setitem(cfgm.GEMV_CONFIGS, ("silu_mul", 1536, 8960, "b1"), (1, 4, 2048, 8, 3))
     monkeypatch.setitem(cfgm.GEMV_CONFIGS, ("silu_mul", 1536, 8960, "b16"),
                         (16, 64, 128, 4, 3, 8))
