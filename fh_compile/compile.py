@@ -284,6 +284,9 @@ def compile_model(model: nn.Module, assets: FlashHeadAssets | None = None, *, pr
                        assets_dir=str(assets_dir) if assets_dir else None, assets_built=built)
     model.fh_compiled = CompiledDecoder(step, info)
     log.info("compile_model: %s", info)
+    log.info("decode step: %s forward, %s; KV cache of %d slots x %d rows = %.2f GB (%.3f MB per "
+             "slot and row)", info.forward, info.attention, opts.max_cache_len, max_batch_size,
+             step.cache_bytes() / 1e9, step.cache_bytes() / opts.max_cache_len / max_batch_size / 1e6)
     return model
 
 

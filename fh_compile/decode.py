@@ -274,6 +274,11 @@ class DecodeStep(nn.Module):
         return ([getattr(self, f"kv{i}_k") for i in range(n)],
                 [getattr(self, f"kv{i}_v") for i in range(n)])
 
+    def cache_bytes(self) -> int:
+        """Bytes of the K and V caches (all rows; per row: divide by max_batch_size)."""
+        k, v = self.caches()
+        return sum(t.numel() * t.element_size() for t in (*k, *v))
+
     def filled(self) -> torch.Tensor:
         """Slots of the cache already written: one int64 element on the cache's device."""
         return self.fill if self.fast is not None else self.cache.layers[0].cumulative_length
