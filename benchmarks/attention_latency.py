@@ -110,7 +110,7 @@ def run(cfg: AttentionLatencyConfig) -> tuple[dict, list[dict], list[dict]]:
 
     bw = copy_bandwidth()
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": triton.__version__, "date": datetime.datetime.now().isoformat("seconds"),
+            "triton": triton.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "copy_bandwidth_gbps": round(bw, 1), "dtype": "bf16"}
     print(f"{meta['gpu']}: torch {meta['torch']}, triton {meta['triton']}, copy bandwidth "
           f"{bw:.0f} GB/s", flush=True)
