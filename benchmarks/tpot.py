@@ -2,7 +2,8 @@
 dense head vs FlashHead, at the cache capacities and fills a reasoning trace needs.
 
     python -m benchmarks.tpot [--arch r1-1.5b | --model PATH] [--batch 1 16]
-        [--cache-len 256 16384] [--position 128] [--variants hf-dense fast-body fast-dense fast-fh]
+        [--cache-len 16384 256] [--position 128] [--variants hf-dense fast-body fast-dense fast-fh]
+        [--other-cache-variants fast-body]
         [--mode reduce-overhead] [--out results/tpot.json] [--quick]
 
 Variants are `<forward>-<head>`:  forward "hf" = transformers' forward and attention (what users
@@ -53,6 +54,7 @@ class TpotConfig:
     cache_lens: tuple[int, ...] = (16384, 256)
     position: int = 128               # slots filled before timing
     variants: tuple[str, ...] = ("hf-dense", "hf-fh", "fast-body", "fast-dense", "fast-fh")
+    other_cache_variants: tuple[str, ...] = ("fast-body",)   # at the capacities after the first
     mode: str = "reduce-overhead"
     compare_mode: str | None = None   # also time fast-fh / fast-dense at the first B and L in it
     new_tokens: int = 32
@@ -67,7 +69,7 @@ class TpotConfig:
     def __post_init__(self) -> None:
         if not self.batches or min(self.batches) < 1:
             raise ValueError(f"batch sizes must be >= 1, got {self.batches}")
-        if unknown := set(self.variants) - set(VARIANTS):
+        if unknown := set(self.variants + self.other_cache_variants) - set(VARIANTS):
             raise ValueError(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
         if self.arch not in ARCHS:
             raise ValueError(f"unknown --arch {self.arch!r}; choose from {ARCHS}")
@@ -193,9 +195,10 @@ def plan(cfg: TpotConfig) -> list[tuple[str, list[str], int, int, str | None]]:
     capacity, then the others, then the fast step in --compare-mode at the first B and L."""
     out = []
     for L in cfg.cache_lens:
+        variants = cfg.variants if L == cfg.cache_lens[0] else cfg.other_cache_variants
         for B in cfg.batches:
             for fwd in FORWARDS:
-                heads = [h for h in HEADS if f"{fwd}-{h}" in cfg.variants]
+                heads = [h for h in HEADS if f"{fwd}-{h}" in variants]
                 if heads:
                     out.append((fwd, heads, B, L, cfg.mode))
     if cfg.compare_mode:
@@ -299,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--position", type=int, default=128, help="slots filled before timing")
     p.add_argument("--variants", nargs="+", choices=VARIANTS,
                    default=list(TpotConfig.variants))
+    p.add_argument("--other-cache-variants", nargs="*", choices=VARIANTS, default=["fast-body"],
+                   help="variants timed at the capacities after the first --cache-len")
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode")
     p.add_argument("--compare-mode", help="also time the fast step (dense, fh) in this mode at "
                                           "the first --batch and --cache-len")
@@ -316,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     kw = dict(arch=a.arch, model=a.model, batches=tuple(a.batch), cache_lens=tuple(a.cache_len),
               position=a.position, variants=tuple(a.variants), mode=a.mode,
-              compare_mode=a.compare_mode,
+              compare_mode=a.compare_mode, other_cache_variants=tuple(a.other_cache_variants),
               new_tokens=a.new_tokens, rounds=a.rounds, probes=a.probes, budget_s=a.budget_s,
               out=a.out)
     if a.quick:

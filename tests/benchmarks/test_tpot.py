@@ -34,6 +34,7 @@ def test_groups_share_one_step_and_leave_the_model_alone() -> None:
 
 def test_plan_orders_groups_and_checks_capacity() -> None:
     cfg = TpotConfig(batches=(1, 16), cache_lens=(16384, 256), variants=("hf-dense", "fast-fh"))
+    assert [g[:4] for g in plan(cfg)[4:]] == [("fast", ["body"], 1, 256), ("fast", ["body"], 16, 256)]
     assert plan(cfg)[:2] == [("hf", ["dense"], 1, 16384, "reduce-overhead"),
                              ("fast", ["fh"], 1, 16384, "reduce-overhead")]
     more = TpotConfig(batches=(1,), cache_lens=(256,), variants=("fast-fh",),
