@@ -39,7 +39,9 @@ def build_assets(weight: torch.Tensor, *, cluster_size: int = 16, centroid_mode:
                  coarse_iters: int = 12, fine_iters: int = 12, refine_iters: int = 6,
                  groups: int | None = None, seed: int = 0, fingerprint: str | None = None,
                  refine_metric: str | None = None,
-                 always_ids: Sequence[int] | None = None) -> FlashHeadAssets:
+                 always_ids: Sequence[int] | None = None,
+                 fit_hidden: torch.Tensor | None = None, fit_config=None,
+                 fit_source: str | None = None) -> FlashHeadAssets:
     """Cluster the rows of an LM-head weight [V, D] and return FlashHead assets.
 
     Balanced spherical k-means (see fh_compile.clustering: exact capacities enforced in every
@@ -51,6 +53,10 @@ def build_assets(weight: torch.Tensor, *, cluster_size: int = 16, centroid_mode:
     always_ids: vocabulary ids to score at every step (fh_compile.always.always_scored_ids or
     always_ids_for_model_files), recorded in the assets' metadata; None records none (the head
     then takes them from the model).  `fh_compile.always.always_report` checks each one.
+    fit_hidden [N, D]: the model's hidden states on calibration text (fh_compile.calibration);
+    then the mean centroids are fitted to them (fh_compile.centroid_fit, fit_config or its
+    defaults; same clusters, same op) and params["centroid_fit"] records the fit and fit_source
+    (a sentence naming the calibration text).
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be [V, D], got shape {tuple(weight.shape)}")
@@ -60,6 +66,8 @@ def build_assets(weight: torch.Tensor, *, cluster_size: int = 16, centroid_mode:
         raise ValueError(f"cluster_size {cluster_size} exceeds the vocabulary size {weight.shape[0]}")
     if centroid_mode not in CENTROID_MODES:
         raise ValueError(f"centroid_mode must be one of {CENTROID_MODES}, got {centroid_mode!r}")
+    if fit_hidden is not None and centroid_mode != "mean":
+        raise ValueError("fit_hidden fits the mean centroids: use centroid_mode='mean'")
     if refine_metric is None:
         refine_metric = "euclidean" if centroid_mode == "mean" else "cosine"
     cfg = ClusterConfig(cluster_size=cluster_size, coarse_iters=coarse_iters,
@@ -79,11 +87,16 @@ def build_assets(weight: torch.Tensor, *, cluster_size: int = 16, centroid_mode:
               "algorithm": "two-level balanced spherical k-means + flat refinement",
               "build_seconds": round(time.perf_counter() - t0, 3),
               "build_device": str(weight.device)}
-    return FlashHeadAssets(
+    assets = FlashHeadAssets(
         centroids=centroids_for(weight_sorted, offsets, centroid_mode),
         weight=weight_sorted, offsets=offsets.to(weight.device), token_ids=order.to(torch.int64),
         cluster_size=cluster_size, fingerprint=fingerprint or weight_fingerprint(weight),
         params=params, always_ids=None if always_ids is None else list(always_ids))
+    if fit_hidden is not None:
+        from fh_compile.centroid_fit import CentroidFitConfig, fit_assets
+        assets = fit_assets(assets, fit_hidden, fit_config or CentroidFitConfig(),
+                            fit_source or "hidden states of unnamed calibration text")
+    return assets
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,3 +74,24 @@ def test_errors():
     for bad in ({"epochs": 0}, {"lr": 0.0}, {"argmax_weight": 1.5}, {"holdout": 1.0}):
         with pytest.raises(ValueError):
             CentroidFitConfig(**bad)
+
+
+def test_build_assets_with_fit_hidden_keeps_the_clustering():
+    from fh_compile.build_assets import build_assets
+
+    W, _, _ = _head(K=12, C=16, D=32, seed=3)
+    h = 3 * torch.randn(600, 32)
+    kw = dict(coarse_iters=2, fine_iters=2, refine_iters=1)
+    plain = build_assets(W, **kw)
+    fitted = build_assets(W, **kw, fit_hidden=h, fit_source="random states",
+                          fit_config=CentroidFitConfig(epochs=2, lr=1e-2, select_probes=2))
+    assert torch.equal(plain.token_ids, fitted.token_ids) and torch.equal(plain.offsets, fitted.offsets)
+    assert fitted.centroids.shape == plain.centroids.shape
+    fit = fitted.params["centroid_fit"]
+    assert fit["source"] == "random states" and fit["positions"] == 600 and fit["init"] == "mean"
+    if fit["best_epoch"] > 0:
+        assert not torch.equal(fitted.centroids, plain.centroids)
+    else:
+        assert torch.equal(fitted.centroids, plain.centroids)
+    with pytest.raises(ValueError, match="fit_hidden fits the mean centroids"):
+        build_assets(W, centroid_mode="normalized", fit_hidden=h)
