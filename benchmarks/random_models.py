@@ -41,7 +41,7 @@ def random_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def r1_distill_qwen_1p5b(dtype: torch.dtype = torch.bfloat16, layers: int = 28) -> torch.nn.Module:

@@ -206,6 +206,7 @@ def plan(cfg: TpotConfig) -> list[tuple[str, list[str], int, int, str | None]]:
     return out
 
 
+@torch.no_grad()
 def run(cfg: TpotConfig) -> tuple[dict, list[dict]]:
     import transformers
     import triton

@@ -130,6 +130,9 @@ def check_always_values(always_ids: torch.Tensor, always_rows: Optional[torch.Te
     if _ALWAYS_CHECKED.get(always_ids) == key:
         return
     V = token_ids.shape[0]
+    if always_ids.unique().numel() != always_ids.numel():
+        raise FlashHeadInputError(f"always_ids must be distinct, got {always_ids.tolist()}; pass "
+                                  f"sorted(set(ids)) (fh_compile.always_scored_ids does)")
     bad = always_ids[(always_ids < 0) | (always_ids >= V)]
     if bad.numel():
         raise FlashHeadInputError(f"always_ids must be vocabulary ids in [0, V={V}), got "

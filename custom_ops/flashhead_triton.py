@@ -522,17 +522,14 @@ def _score_always_block(h_ptr, w_ptr, token_ids_ptr, always_ptr, key_ptr, g, bb,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Always rows a = g * BLOCK_N .. g * BLOCK_N + BLOCK_N - 1 (of always [A] int64) against
     row block bb, for every row: key[b, NCAND - A + a] (the same key as `_score_union_block`'s),
-    or with BEST the row maxima.  A row listed twice is scored at its first slot; the others,
-    and rows outside [0, V) (never passed by the checked op), are padding (-inf, token_ids[0])."""
+    or with BEST the row maxima.  The rows are distinct (the op checks the ids on the host: a
+    duplicate test in the kernel, a reduction over [A, A], made triton 3.6's layout pass fail
+    for 32- and 64-row tiles); rows outside [0, V) (never passed by the checked op) are padding
+    (-inf, token_ids[0])."""
     a = g * BLOCK_N + tl.arange(0, BLOCK_N)                              # [BLOCK_N] slots
     live = a < A
     rows = tl.load(always_ptr + a, mask=live, other=0)                  # [BLOCK_N] int64
     valid = live & (rows >= 0) & (rows < V)
-    for a0 in tl.static_range(0, A, A_BLOCK):
-        aj = a0 + tl.arange(0, A_BLOCK)
-        ar = tl.load(always_ptr + aj, mask=aj < A, other=-1)
-        earlier = (ar[None, :] == rows[:, None]) & (aj[None, :] < a[:, None])
-        valid = valid & (tl.sum(earlier.to(tl.int32), axis=1) == 0)
     rows = tl.where(valid, rows, 0)
     b = bb * BLOCK_B + tl.arange(0, BLOCK_B)
     b_ok = b < B

@@ -216,7 +216,16 @@ def compile_step(fn: Callable, mode: str | None) -> Callable:
         return fn
     code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{next(_STEP_IDS)}")
     own = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
-    return torch.compile(own, mode=mode, fullgraph=True)
+    compiled = torch.compile(own, mode=mode, fullgraph=True)
+
+    def call(*args: Any) -> Any:
+        # Decoding never needs gradients: without this, a call with grad mode on (the weights
+        # require grad) would recompile the step as a training graph, which the custom ops
+        # (no autograd formulas) cannot be.
+        with torch.no_grad():
+            return compiled(*args)
+
+    return call
 
 
 def compile_model(model: nn.Module, assets: FlashHeadAssets | None = None, *, probes: int = 256,

@@ -46,6 +46,7 @@ from torch import nn
 from transformers import StaticCache
 
 from custom_ops import FlashHeadTopK
+from custom_ops.decode_attention import is_traced
 from fh_compile import hf_attention
 from fh_compile.arch import UnsupportedArchitecture
 from fh_compile.fast_decoder import FastDecoder
@@ -358,7 +359,8 @@ class DecodeStep(nn.Module):
             self.starts.copy_(T - mask.sum(-1))
             kv_k, kv_v = self.caches()
             h = self.fast.forward_torch(self.fast.embed(input_ids), kv_k, kv_v, self.fill,
-                                        position_ids, self.starts, key_len=T)
+                                        position_ids, self.starts,
+                                        key_len=None if is_traced(input_ids) else T)
             self.fill.fill_(T)
             return h[:, -1].contiguous()
         self.attn_mask[:, :T] = mask

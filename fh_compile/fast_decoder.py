@@ -205,7 +205,9 @@ class FastDecoder(nn.Module):
         """x [B, T, D] embedded; the T tokens go to cache slots first_slot + [0, T) (first_slot
         [1] int64); positions [B, T] int64 (rotary); starts [B] int64 (first real slot per row).
         Each token attends to the slots from max(starts, its slot - window + 1) to its own;
-        key_len: only the first key_len slots can hold those (prefill: T), None: all L.
+        key_len: only the first key_len slots can hold those (eager prefill: T, so attention
+        costs T x T, not T x L), None: all L (the shapes stay static: what torch.export needs,
+        since SDPA on CUDA guards the key length of a sliced cache).
         Returns the final hidden states [B, T, D]; writes k/v into the caches."""
         s = self.spec
         B, T, _ = x.shape

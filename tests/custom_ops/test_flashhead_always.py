@@ -83,11 +83,17 @@ def test_candidates_are_the_probed_tokens_and_the_always_ids(assets, fresh_seed,
     sel0 = select_clusters(h, assets.centroids, probes)[0]
     inside = cluster_tokens(assets, int(sel0[0]))[:2]                  # probed by row 0
     outside = torch.randperm(V)[:5]
-    always = torch.cat([outside, inside, outside[:1]])                   # a repeat too
+    always = torch.tensor(list(dict.fromkeys(torch.cat([outside, inside]).tolist())))  # distinct
     got = op(assets, h, probes, k, always)
     want_ids, want_logits = oracle(assets, h, probes, k, always)
     assert torch.equal(got.ids, want_ids)
     torch.testing.assert_close(got.logits, want_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_repeated_always_ids_are_refused(assets) -> None:
+    h = torch.randn(2, D)
+    with pytest.raises(FlashHeadInputError, match="distinct"):
+        op(assets, h, 2, 4, torch.tensor([3, 7, 3]))
 
 
 def test_an_always_id_in_a_probed_cluster_is_scored_once(assets, fresh_seed) -> None:

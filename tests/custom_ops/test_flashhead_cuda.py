@@ -214,12 +214,14 @@ def test_fullgraph_compile(medium, fresh_seed, mode, B) -> None:     # B=64: 64-
 
 
 def always_ids_for(a, h, probes, dtype):
-    """[A] int64 on CUDA: two tokens of a cluster row 0 probes, five anywhere, one repeat."""
+    """[A] int64 on CUDA: two tokens of a cluster row 0 probes, five anywhere (distinct: the op
+    refuses repeats)."""
     c = int(select_clusters(h.cpu(), a.centroids.to(dtype).cpu(), probes)[0, 0])
     start = int(a.offsets[c])
     inside = a.token_ids[start:start + 2]
-    outside = torch.randperm(a.vocab_size, device="cuda")[:5]
-    return torch.cat([outside, inside, outside[:1]])
+    outside = torch.randperm(a.vocab_size)[:5]
+    ids = list(dict.fromkeys(torch.cat([outside, inside.cpu()]).tolist()))
+    return torch.tensor(ids, device="cuda")
 
 
 def always_op(a, h, dtype, probes, k, always, noise=None, C=16):

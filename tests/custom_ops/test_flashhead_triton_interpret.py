@@ -164,11 +164,12 @@ def test_other_cluster_sizes(fresh_seed, cluster_size, B) -> None:
 
 
 def always_ids_for(assets, h, probes):
-    """Always ids: two tokens of a cluster row 0 probes, three that may lie anywhere, a repeat."""
+    """Always ids: two tokens of a cluster row 0 probes, three that may lie anywhere (distinct:
+    the op refuses repeats)."""
     c = int(select_clusters(h, assets.centroids, probes)[0, 0])
     inside = assets.token_ids[int(assets.offsets[c]):int(assets.offsets[c]) + 2]
     outside = torch.randperm(V)[:3]
-    return torch.cat([outside, inside, outside[:1]])
+    return torch.tensor(list(dict.fromkeys(torch.cat([outside, inside]).tolist())))
 
 
 @pytest.mark.parametrize("B,probes,k", [(1, 1, 1), (1, 4, 5), (3, 2, 1), (3, 3, 6), (40, 2, 1),

@@ -3,8 +3,8 @@
 * every fast architecture (tiny, fp32): compiled with CUDA graphs, greedy tokens equal to
   transformers' own generate, with a left-padded row and the sliding window crossed;
 * DeepSeek-R1-Distill-Qwen-1.5B's architecture (random weights): fp32 greedy tokens equal to
-  transformers' over 64 steps; bf16 step hidden states within a stated tolerance of
-  transformers' forward on the same cache.
+  transformers' over 64 steps; the bf16 op path's hidden states no further from fp32 than
+  1.5 times the plain-PyTorch bf16 path's (transformers' rounding), on the same tokens.
 """
 
 from __future__ import annotations
@@ -55,20 +55,22 @@ def test_r1_architecture_fp32_tokens_and_bf16_hidden_states():
     assert torch.equal(out.sequences, expected)
     fh_compile.uncompile_model(model)
 
-    # bf16: the op path against the plain-PyTorch path on the same cache contents, 16 steps.
-    model = model.to(torch.bfloat16)
+    # bf16: the op path and the plain-PyTorch path (transformers' rounding) on the same tokens,
+    # each against fp32 hidden states: the ops may not add more than half again of bf16's own
+    # error (measured on the H200 against each other: 3.6% relative after 28 random layers).
     from fh_compile.decode import DecodeStep
 
-    ops, ref = (DecodeStep(model, max_batch_size=2, max_cache_len=256, kernels=k)
-                for k in ("ops", "torch"))
-    tok = ids[:, -1:]
-    ops.prefill_hidden(ids, mask)
-    ref.prefill_hidden(ids, mask)
-    worst = 0.0
-    for _ in range(16):
-        h_ops, h_ref = ops.hidden(tok), ref.hidden(tok)
-        rel = ((h_ops.float() - h_ref.float()).norm() / h_ref.float().norm()).item()
-        worst = max(worst, rel)
-        tok = (h_ref @ model.lm_head.weight.t()).argmax(-1, keepdim=True)
-    print(f"bf16 fast ops vs plain PyTorch: worst relative error of the hidden state {worst:.2e}")
-    assert worst < 2e-2
+    tokens = out.sequences[:, 24:40]                                     # [2, 16] teacher-forced
+
+    @torch.no_grad()
+    def hidden_states(step: DecodeStep) -> torch.Tensor:
+        step.prefill_hidden(ids, mask)
+        return torch.stack([step.hidden(tokens[:, i:i + 1]).float() for i in range(16)])
+
+    h32 = hidden_states(DecodeStep(model, max_batch_size=2, max_cache_len=256, kernels="torch"))
+    model = model.to(torch.bfloat16)
+    err = {k: ((hidden_states(DecodeStep(model, max_batch_size=2, max_cache_len=256, kernels=k))
+                - h32).norm() / h32.norm()).item() for k in ("ops", "torch")}
+    print(f"bf16 relative error of the hidden states vs fp32: ops {err['ops']:.2e}, plain "
+          f"PyTorch {err['torch']:.2e}")
+    assert err["ops"] <= 1.5 * err["torch"] + 1e-3
