@@ -29,6 +29,9 @@ SECTIONS = (("fidelity.json", "Fidelity: agreement with the dense head"),
             ("head_latency_real.json",
              "LM-head latency with a real model's centroids and hidden states"),
             ("tpot.json", "Time per output token"),
+            ("tpot_gemma.json", "Time per output token: Gemma-3-270M architecture"),
+            ("attention_latency.json", "Decode attention"),
+            ("gemv_sweep.json", "Fused decode linears (GEMV sweep)"),
             ("export_times.json", "Export and AOTInductor"))
 
 
@@ -245,9 +248,42 @@ def export_section(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         generic_table(rows, meta, ("row", "B", "tpot_ms", "tpot_ms_mean", "first_call_s"))
 
 
+def attention_section(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """benchmarks.attention_latency: the decode-attention op vs SDPA over the whole cache."""
+    out = ("Milliseconds per layer call (CUDA graphs, median); GB/s and floor over the filled "
+           f"K/V only (copy bandwidth {fmt(meta.get('copy_bandwidth_gbps'))} GB/s):\n\n")
+    return out + generic_table(rows, meta, ("model", "B", "capacity", "fill", "method", "ms",
+                                            "floor_ms", "gbps", "x_sdpa_hf", "kernels"))
+
+
+def gemv_section(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """benchmarks.gemv_sweep: the best config per (shape, B) against cuBLAS."""
+    best: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        if r.get("ms") is None:
+            continue
+        key = (r["shape"], r["B"], r["method"] == "cublas")
+        if key not in best or r["ms"] < best[key]["ms"]:
+            best[key] = r
+    body = []
+    for (shape, B, is_cublas), r in sorted(best.items()):
+        if is_cublas or (shape, B, True) not in best:
+            continue
+        ref = best[(shape, B, True)]
+        body.append([shape, str(B), fmt(r["weight_bytes"] / 1e6), fmt(1e3 * ref["ms"]),
+                     fmt(1e3 * r["ms"]), fmt(r["gbps"]), fmt(ref["ms"] / r["ms"]),
+                     str(r.get("config"))])
+    out = (f"Best Triton config per shape vs cuBLAS F.linear (us, CUDA graphs, rotating weights; "
+           f"copy bandwidth {fmt(meta.get('copy_gbps'))} GB/s):\n\n")
+    _, runs = runs_block(rows, meta)
+    return out + md_table(["shape", "B", "MB", "cuBLAS us", "Triton us", "GB/s", "x cuBLAS",
+                           "config"], body) + "\n" + runs
+
+
 RENDER = {"fidelity.json": fidelity_section, "tasks.json": tasks_section,
           "head_latency.json": latency_section, "head_latency_real.json": latency_section,
-          "tpot.json": tpot_section,
+          "tpot.json": tpot_section, "tpot_gemma.json": tpot_section,
+          "attention_latency.json": attention_section, "gemv_sweep.json": gemv_section,
           "export_times.json": export_section}
 
 

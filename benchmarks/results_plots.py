@@ -27,7 +27,7 @@ def plot(name: str, meta: dict[str, Any], rows: list[dict[str, Any]], folder: Pa
     """Write folder/<stem>.png for results file `name`; the path, or None when not plotted."""
     plt = _pyplot()
     draw = {"fidelity.json": _fidelity, "tasks.json": _tasks,
-            "head_latency.json": _speedup, "tpot.json": _tpot}.get(name)
+            "head_latency.json": _speedup, "tpot.json": _tpot, "tpot_gemma.json": _tpot}.get(name)
     if plt is None or draw is None:
         return None
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)

@@ -74,9 +74,31 @@ def test_results_page(tmp_path: Path) -> None:
         "gpu": "NVIDIA H200", "date": "2026-01-05", "inputs": "real centroids and hidden states",
         "rows": [{"B": 16, "probes": p, "method": "triton", "ms": ms, "union": u}
                  for p, ms, u in ((64, 0.05, 671), (256, 0.08, 2303))]}))
+    (res / "tpot_gemma.json").write_text(json.dumps({
+        "meta": {"gpu": "NVIDIA H200", "date": "2026-01-06", "copy_gb_per_s": 4236.0},
+        "rows": [{"variant": v, "forward": "fast", "attention": "flashhead::decode_attention",
+                  "B": 1, "cache_len": 16384, "position": 128, "tpot_ms": ms,
+                  "kernels_per_step": k, "floor_ms": 0.05, "gb_per_s": 300.0,
+                  "bw_fraction": 0.07} for v, ms, k in (("fast-dense", 0.86, 153),
+                                                         ("fast-fh", 0.74, 138))]
+                + [{"variant": "hf-dense", "B": 1, "cache_len": 16384, "error": "boom"}]}))
+    (res / "attention_latency.json").write_text(json.dumps({
+        "gpu": "NVIDIA H200", "date": "2026-01-07", "copy_bandwidth_gbps": 4210.0,
+        "rows": [{"model": "r1", "B": 1, "capacity": 32768, "fill": 8192, "method": m,
+                  "ms": ms, "floor_ms": 0.002} for m, ms in (("sdpa_hf", 0.28), ("triton", 0.026))]}))
+    (res / "gemv_sweep.json").write_text(json.dumps({
+        "gpu": "NVIDIA H200", "date": "2026-01-08", "copy_gbps": 4225.0,
+        "rows": [{"shape": "q/o", "B": 1, "method": m, "ms": ms, "gbps": g, "config": c,
+                  "weight_bytes": 4.7e6} for m, ms, g, c in (("cublas", 0.0064, 740.0, None),
+                                                             ("triton", 0.0050, 940.0, [1, 8]),
+                                                             ("triton", 0.0041, 1141.0, [1, 4]))]}))
     assert results_page.main(["--results", str(res), "--out", str(out)]) == 0
     page = out.read_text()
     assert "Not run yet" not in page
+    assert "| fast-fh | 1 | 16384 | 128 | flashhead::decode_attention | 0.74 | 138 |" in page
+    assert "Failed: hf-dense B=1: boom" in page
+    assert "| triton | 0.026 |" in page and "Same in every row: model = r1, B = 1" in page
+    assert "| q/o | 1 | 4.7 | 6.4 | 4.1 | 1141 | 1.561 | [1, 4] |" in page
     assert "real model's centroids and hidden states" in page and "| 256 | 0.08 | 2303 |" in page
     assert "- AOTInductor compile of the decode step: 120 s" in page
     assert "greedy tokens: **passed** (decode.aoti.pt2: 33" in page
