@@ -47,7 +47,7 @@ class CompileOptions:
 
     probes: int = 256
     k: int = 64
-    mode: str | None = "max-autotune"
+    mode: str | None = "reduce-overhead"
     flashhead: bool = True
     kernel: str = "triton"
     max_batch_size: int = 1
@@ -229,7 +229,7 @@ def compile_step(fn: Callable, mode: str | None) -> Callable:
 
 
 def compile_model(model: nn.Module, assets: FlashHeadAssets | None = None, *, probes: int = 256,
-                  k: int = 64, mode: str | None = "max-autotune", flashhead: bool = True,
+                  k: int = 64, mode: str | None = "reduce-overhead", flashhead: bool = True,
                   kernel: str = "triton", max_batch_size: int = 1, max_cache_len: int | None = None,
                   dense_above_rows: int | None = None, cluster_size: int = 16, fuse: bool = False,
                   forward: str = "auto", attention: str = "auto",
@@ -246,7 +246,11 @@ def compile_model(model: nn.Module, assets: FlashHeadAssets | None = None, *, pr
     model's eos ids (see swap_head; fh_compile.always_scored_ids(model, tokenizer) adds the
     tokenizer's end-of-turn tokens); [] for none.
     flashhead=False keeps (or restores) the dense head in the same pipeline, for A/B runs.
-    mode: a torch.compile mode ("max-autotune" gives CUDA graphs on GPU), or None for eager.
+    mode: a torch.compile mode, or None for eager.  Default "reduce-overhead" (CUDA graphs, no
+    autotuning): on an H200 transformers' compiled body ran 2.28 ms a token with it (516
+    kernels) against 2.53 ms with "max-autotune" (431 kernels), and the fast forward's
+    work is in custom ops that autotuning does not touch, so max-autotune only adds compile
+    time there; "max-autotune" works too (zero graph breaks, GPU-tested).
     fuse: compile body + head as one graph (default: the body once, the head per setting).
     max_cache_len: slots of the static KV cache (prompt + generated tokens); None: the model's
     max_position_embeddings, at most 32,768 (a reasoning trace needs thousands of tokens, and
