@@ -96,12 +96,15 @@ def rms_norm_linear_op(x: torch.Tensor, residual: Optional[torch.Tensor],
                        branch_norm: Optional[torch.Tensor], norm: torch.Tensor,
                        weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
                        norm_offset: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, N], residual_out [B, K]); see custom_ops.rms_norm_linear.  CPU: the reference;
-    CUDA: the plan of custom_ops/fused_linear_config.py (Triton kernel or composite)."""
+    """(out [B, N], residual_out [B, K]); see custom_ops.rms_norm_linear.  CPU: the reference
+    (fp32), or for 16-bit weights the composite (the same prologue, then F.linear in the weight's
+    dtype with fp32 accumulation: the reference's per-call fp32 copy of every weight made eager
+    CPU decoding of a bf16 model 4x slower); CUDA: the plan of custom_ops/fused_linear_config.py
+    (Triton kernel or composite)."""
     check_rms_norm_linear_inputs(x, residual, branch_norm, norm, weight, bias, eps, norm_offset)
     if x.device.type != "cuda":
-        return rms_norm_linear_reference(x, residual, branch_norm, norm, weight, bias, eps,
-                                         norm_offset)
+        cpu = rms_norm_linear_reference if x.dtype == torch.float32 else rms_norm_linear_composite
+        return cpu(x, residual, branch_norm, norm, weight, bias, eps, norm_offset)
     from custom_ops.fused_linear_triton import rms_norm_linear_triton
 
     return rms_norm_linear_triton(x, residual, branch_norm, norm, weight, bias, eps, norm_offset)
@@ -109,11 +112,13 @@ def rms_norm_linear_op(x: torch.Tensor, residual: Optional[torch.Tensor],
 
 @triton_op("flashhead::act_linear", mutates_args=())
 def act_linear_op(x: torch.Tensor, weight: torch.Tensor, act: str) -> torch.Tensor:
-    """out [B, N]; see custom_ops.act_linear.  CPU: the reference; CUDA: the plan of
-    custom_ops/fused_linear_config.py (Triton kernel or composite)."""
+    """out [B, N]; see custom_ops.act_linear.  CPU: the reference (fp32), or the composite for
+    16-bit weights (see rms_norm_linear_op); CUDA: the plan of custom_ops/fused_linear_config.py
+    (Triton kernel or composite)."""
     check_act_linear_inputs(x, weight, act)
     if x.device.type != "cuda":
-        return act_linear_reference(x, weight, act)
+        cpu = act_linear_reference if x.dtype == torch.float32 else act_linear_composite
+        return cpu(x, weight, act)
     from custom_ops.fused_linear_triton import act_linear_triton
 
     return act_linear_triton(x, weight, act)
