@@ -278,15 +278,15 @@ def run(cfg: SweepConfig) -> tuple[dict, list[dict]]:
 def counters_as_compiled(on: bool):
     """Within: split-K launches take a fresh zeroed counter buffer per call (one fill kernel
     each), as in a torch.compile'd graph (Inductor keeps no state between calls)."""
-    from custom_ops import fused_linear_triton as flt
+    from custom_ops import counters
 
-    saved = flt._traced
+    saved = counters.is_traced
     if on:
-        flt._traced = lambda t: True
+        counters.is_traced = lambda t: True
     try:
         yield
     finally:
-        flt._traced = saved
+        counters.is_traced = saved
 
 
 def time_plans(cfg: SweepConfig, shape: GemvShape, B: int, cands: list) -> list[dict]:

@@ -15,8 +15,9 @@ traces with fake tensors, exports as one node, and is CUDA-graph safe (no host s
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 from torch.library import triton_op
+
+from custom_ops.counters import is_traced
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -86,13 +87,6 @@ def check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         fail(f"softcap must be >= 0 (0: no soft-capping), got {softcap!r}")
     if not scale > 0.0:
         fail(f"scale must be > 0 (usually Dh ** -0.5), got {scale!r}")
-
-
-def is_traced(t: torch.Tensor) -> bool:
-    """Whether torch.compile / torch.export / make_fx are tracing (fake or functional tensors,
-    or a dispatch mode): then no value may be read on the host."""
-    return (torch.compiler.is_compiling() or type(t) is not torch.Tensor
-            or bool(_get_current_dispatch_mode_stack()))
 
 
 @triton_op("flashhead::decode_attention", mutates_args=())

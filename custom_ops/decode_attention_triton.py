@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from custom_ops.decode_attention import is_traced
+from custom_ops.counters import is_traced, zeroed_counters
 
 _HEADS = 16            # query heads per program: tl.dot's smallest M tile
 
@@ -218,28 +218,6 @@ def max_splits(block_d: int) -> int:
     return max(1, min(64, 8192 // block_d))
 
 
-# Counters of the last-program combine, one int32 per (row, kv head, head tile), zero between
-# calls: one buffer per device for eager calls (the combining program resets what it used).
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _counters(n: int, device: torch.device, traced: bool) -> torch.Tensor:
-    """n zeroed int32 counters.  Traced: a fresh zeroed buffer (Inductor cannot keep state
-    between calls), so a compiled graph runs one fill kernel beside the attention kernel.
-    Eager: the device's persistent buffer, grown as needed outside CUDA-graph capture (inside
-    a capture a buffer too small is replaced by a fresh zeroed one for that call only).  Not
-    safe for two calls running at once on different streams (they would share counters)."""
-    if traced:
-        return torch.zeros((n,), dtype=torch.int32, device=device)
-    buf = _COUNTERS.get(device)
-    if buf is not None and buf.numel() >= n:
-        return buf
-    fresh = torch.zeros((max(n, 1024),), dtype=torch.int32, device=device)
-    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        _COUNTERS[device] = fresh
-    return fresh
-
-
 def triton_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             starts: torch.Tensor, fill: torch.Tensor, scale: float,
                             window: int = 0, softcap: float = 0.0, *,
@@ -267,7 +245,7 @@ def triton_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     part_m = _empty((NP, _HEADS, S), torch.float32, dev)
     part_l = _empty((NP, _HEADS, S), torch.float32, dev)
     part_acc = _empty((NP, _HEADS, S, Dh), torch.float32, dev)
-    count = _counters(NP, dev, is_traced(q))                              # count: [>= NP] int32
+    count = zeroed_counters(NP, dev, is_traced(q))                              # count: [>= NP] int32
     _launch(_decode_attention_kernel, (NP, S))(
         q, k_cache, v_cache, starts, fill.reshape(1), out, part_m, part_l, part_acc, count,
         float(scale), float(softcap), int(window), blk.min_chunk, L, Hkv, group, ng, DH=Dh, S=S,

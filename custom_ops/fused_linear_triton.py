@@ -33,9 +33,9 @@ import torch
 import triton
 import triton.language as tl
 from torch.fx.experimental.symbolic_shapes import statically_known_true
-from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 from triton.runtime.jit import JITFunction
 
+from custom_ops import counters
 from custom_ops.fused_linear import act_linear_composite, rms_norm_linear_composite
 # Re-exported: callers and tests use them from here.
 from custom_ops.fused_linear_config import (COMPOSITE, GEMV_CONFIGS, GemvConfig,  # noqa: F401
@@ -251,35 +251,6 @@ def _sum_splits(ws_ptr, bias_ptr, out_ptr, n, n_ok, B, N, S, HAS_BIAS: tl.conste
         tl.store(out_ptr + out, y.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-# Counters of the last-program reduction, one int32 per block of output features, zero between
-# calls: one buffer per device for eager calls (the summing program resets what it used).
-# Outgrown buffers stay alive: a CUDA graph captured with one keeps using its memory.
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_OUTGROWN: list[torch.Tensor] = []
-
-
-def _traced(t: torch.Tensor) -> bool:
-    """Whether torch.compile / torch.export / make_fx are tracing (fake or functional tensors)."""
-    return (torch.compiler.is_compiling() or type(t) is not torch.Tensor
-            or bool(_get_current_dispatch_mode_stack()))
-
-
-def _counters(n: Union[int, torch.SymInt], device: torch.device, traced: bool) -> torch.Tensor:
-    """n zeroed int32 counters.  Traced: a fresh zeroed buffer (Inductor keeps no state between
-    calls; one fill kernel beside the GEMV).  Eager: the device's persistent buffer, grown as
-    needed outside CUDA-graph capture (inside one, a buffer too small is replaced by a fresh
-    zeroed one for that call only).  Not safe for two calls running at once on two streams."""
-    if traced:
-        return torch.zeros((n,), dtype=torch.int32, device=device)
-    buf = _COUNTERS.get(device)
-    if buf is not None and buf.numel() >= n:
-        return buf
-    fresh = torch.zeros((max(n, 4096),), dtype=torch.int32, device=device)
-    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        if buf is not None:
-            _OUTGROWN.append(buf)
-        _COUNTERS[device] = fresh
-    return fresh
 
 
 def fused_gemv(x: torch.Tensor, weight: torch.Tensor, prologue: int, *,
@@ -312,7 +283,7 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, prologue: int, *,
         return out, rout
     nb, S = triton.cdiv(N, plan.block_n), plan.splits
     ws = _empty((S, B, N), torch.float32, dev) if S > 1 else out        # ws: [S, B, N] fp32
-    count = _counters(nb, dev, _traced(x)) if S > 1 else out            # count: [>= nb] int32
+    count = counters.zeroed_counters(nb, dev, counters.is_traced(x)) if S > 1 else out            # count: [>= nb] int32
     # Absent tensors: the kernel never touches their pointers; read-only stand-ins are x and
     # the written one is out (a tensor both read and written would look aliased to Inductor).
     # EVEN_K only where K is known to divide (a symbolic K takes the masked loads).

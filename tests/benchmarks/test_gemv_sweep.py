@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from benchmarks import gemv_sweep as gs
+from custom_ops import counters
 from custom_ops.fused_linear_config import COMPOSITE, GEMV_CONFIGS, GemvConfig, default_config
 
 
@@ -107,11 +108,11 @@ def test_time_plans_rows_on_cpu(monkeypatch, capsys) -> None:
     monkeypatch.setattr(gs, "time_rotating", lambda fn, ws, rep: next(times))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     cands = [GemvConfig(16, 64, 128, 4, 3, splits=2), GemvConfig(16, 8, 32), bad, COMPOSITE]
-    saved = flt._traced
+    saved = counters.is_traced
     with gs.counters_as_compiled(True):
-        assert flt._traced(torch.empty(1)) is True
+        assert counters.is_traced(torch.empty(1)) is True
         rows = gs.time_plans(gs.SweepConfig(), shape, 16, cands)
-    assert flt._traced is saved
+    assert counters.is_traced is saved
     assert [r["method"] for r in rows] == ["cublas", "triton", "triton", "triton", "composite"]
     assert rows[3]["ms"] is None and "wrong output" in rows[3]["error"]
     assert rows[1]["config"] == [16, 64, 128, 4, 3, 2] and rows[4]["config"] == "composite"

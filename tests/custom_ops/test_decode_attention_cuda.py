@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import custom_ops  # noqa: F401  (registers the ops)
+from custom_ops import counters
 from custom_ops import decode_attention_triton as dat
 from custom_ops import rope_cache_triton
 from custom_ops.decode_attention import decode_attention_reference
@@ -100,7 +101,7 @@ def test_split_counts_and_counters_left_zero(fresh_seed, splits) -> None:
     for fill in (64, 3000, 16384):
         first = check(q, k, v, starts, fill, blocks=blk)
         assert torch.equal(first, check(q, k, v, starts, fill, blocks=blk)), "deterministic"
-    assert not dat._COUNTERS[q.device].any()
+    assert not counters.POOL[q.device].any()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -127,7 +128,7 @@ def test_cuda_graph_replays_while_fill_grows(fresh_seed, dtype) -> None:
         graph.replay()
         want = reference(q, k, v, starts, fill, 128 ** -0.5)
         torch.testing.assert_close(out.float(), want.float(), rtol=ATOL[dtype], atol=ATOL[dtype])
-    assert not dat._COUNTERS[q.device].any()
+    assert not counters.POOL[q.device].any()
 
 
 def test_compiled_reduce_overhead(fresh_seed) -> None:

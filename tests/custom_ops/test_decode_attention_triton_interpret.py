@@ -23,6 +23,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+from custom_ops import counters  # noqa: E402
 from custom_ops import decode_attention_triton as dat  # noqa: E402
 from custom_ops import rope_cache_triton  # noqa: E402
 from custom_ops.decode_attention import decode_attention_reference  # noqa: E402
@@ -87,16 +88,16 @@ def test_windows_and_softcap(fresh_seed, splits) -> None:
 def test_combine_with_many_splits_and_the_counters_reset(fresh_seed) -> None:
     q, k, v = draw(2, 8, 2, 200, 32)
     blk = blocks(13, 32)            # 13 splits of >= 16 slots: up to 13 partials combined
-    dat._COUNTERS.clear()
+    counters.POOL.clear()
     first = check(q, k, v, [0, 3], 190, blk)
-    counters = dat._COUNTERS[q.device]
-    assert counters.numel() >= 4 and not counters.any(), "the combining programs reset them"
+    pool = counters.POOL[q.device]
+    assert pool.numel() >= 4 and not pool.any(), "the combining programs reset them"
     again = check(q, k, v, [0, 3], 190, blk)          # a second call (a graph replay) agrees
     assert torch.equal(first, again)
-    counters[:4] = 5                                   # a stale counter breaks the combine:
+    pool[:4] = 5                                       # a stale counter breaks the combine:
     broken = dat.triton_decode_attention(q, k, v, torch.tensor([0, 3]), torch.tensor(190), 0.3,
                                          blocks=blk)   # (shows the test sees them)
-    counters.zero_()
+    pool.zero_()
     assert not torch.equal(broken, first)
 
 

@@ -13,6 +13,7 @@ import torch
 
 import custom_ops
 from benchmarks.gemv_sweep import SHAPES, call, make_inputs, reference
+from custom_ops import counters
 from custom_ops import fused_linear_triton as flt
 from custom_ops.fused_linear_triton import GemvConfig
 from triton_poison import poisoned_empty
@@ -176,7 +177,7 @@ def split_configs(B: int) -> list[GemvConfig]:
 
 
 def counters_clean() -> bool:
-    return all(not bool(buf.any()) for buf in flt._COUNTERS.values())
+    return all(not bool(buf.any()) for buf in counters.POOL.values())
 
 
 @pytest.fixture

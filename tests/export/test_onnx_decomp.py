@@ -108,7 +108,8 @@ def test_onnx_matches_op_with_always_ids(with_rows, fresh_seed, tmp_path):
                if c not in set(select_clusters(h, centroids, P + 1).flatten().tolist()))
     weight[int(offsets[far])] = 20.0 * torch.nn.functional.normalize(h, dim=1).sum(0)
     eos = token_ids[int(offsets[far])]
-    always = torch.stack([eos, inside[0], inside[1], torch.tensor(17), torch.tensor(17)])
+    ids = [int(eos), int(inside[0]), int(inside[1]), 17]
+    always = torch.tensor(list(dict.fromkeys(ids)))                     # distinct, as the op needs
     module = AlwaysModule(centroids, weight, offsets, token_ids, always, with_rows)
     (ref_ids, ref_logits), (ids, logits) = run_both(module, h, noise, tmp_path)
     assert (ref_ids[:, 0] == int(eos)).all(), "the planted always id is every row's top-1"

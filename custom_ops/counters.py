@@ -1,0 +1,45 @@
+"""Zeroed int32 counters for kernels whose last-arriving program finishes the work (the split-K
+decode attention and the split-K GEMV): each program bumps its group's counter, the last one
+combines the partials and resets the counter to 0, so the next call (or CUDA-graph replay)
+starts clean without a memset.
+
+Eager calls share one persistent buffer per device; calls on one stream run one after the other,
+so they can share it (two calls running at once on two streams would not be safe).  Traced calls
+(torch.compile, torch.export, make_fx) get a fresh zeroed buffer: Inductor keeps no state
+between calls, so a compiled graph runs one fill kernel beside each such op.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+POOL: dict[torch.device, torch.Tensor] = {}
+# Outgrown buffers stay alive: a CUDA graph captured with one keeps using its memory.
+_OUTGROWN: list[torch.Tensor] = []
+
+
+def is_traced(t: torch.Tensor) -> bool:
+    """Whether torch.compile / torch.export / make_fx are tracing (fake or functional tensors,
+    or a dispatch mode): then no value may be read on the host and no state kept."""
+    return (torch.compiler.is_compiling() or type(t) is not torch.Tensor
+            or bool(_get_current_dispatch_mode_stack()))
+
+
+def zeroed_counters(n: Union[int, torch.SymInt], device: torch.device,
+                    traced: bool) -> torch.Tensor:
+    """At least n zeroed int32 counters on `device` (see the module docstring).  Inside a
+    CUDA-graph capture a pool too small is replaced by a fresh buffer for that call only."""
+    if traced:
+        return torch.zeros((n,), dtype=torch.int32, device=device)
+    buf = POOL.get(device)
+    if buf is not None and buf.numel() >= n:
+        return buf
+    fresh = torch.zeros((max(n, 4096),), dtype=torch.int32, device=device)
+    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        if buf is not None:
+            _OUTGROWN.append(buf)
+        POOL[device] = fresh
+    return fresh
