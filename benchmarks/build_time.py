@@ -2,7 +2,7 @@
 
     python -m benchmarks.build_time [--model PATH | --random] [--device cpu|cuda]
         [--vocab 151936 --hidden 1536] [--iters 12] [--refine 6] [--out results/build_time.json]
-        [--fit-hidden DIR --fit-epochs 6]
+        [--fit-hidden DIR --fit-epochs 2]
 
 --random (the default) times random N(0, 0.02) weights of the given shape (Qwen2.5-1.5B /
 DeepSeek-R1-Distill-Qwen-1.5B: V=151936, D=1536); --model times the real LM head of a checkpoint
@@ -44,7 +44,7 @@ class BuildTimeConfig:
     seed: int = 0
     out: str = "results/build_time.json"
     fit_hidden: str | None = None
-    fit_epochs: int = 6
+    fit_epochs: int = 2
 
     def __post_init__(self) -> None:
         if self.vocab < self.cluster_size or self.hidden < 1:
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results/build_time.json")
     p.add_argument("--fit-hidden", help="also fit the centroids to these calibration hidden states "
                                         "(a folder from python -m fh_compile.calibration)")
-    p.add_argument("--fit-epochs", type=int, default=6)
+    p.add_argument("--fit-epochs", type=int, default=2)
     a = p.parse_args(argv)
     cfg = BuildTimeConfig(model=a.model, vocab=a.vocab, hidden=a.hidden, device=a.device,
                           cluster_size=a.cluster_size, iters=a.iters, refine=a.refine,

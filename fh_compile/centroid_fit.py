@@ -18,6 +18,18 @@ stops before it learns the calibration text by heart: the held-out metric is the
 P in (P0/4, P0/2, P0, 2 P0) (P0 = select_probes, each at most K / 2) of the fraction of positions
 whose argmax's cluster is not among the top P.
 
+Measured (Qwen2.5-Coder-1.5B, refine-6 clustering, 30,000 positions of Python standard-library
+docstrings, benchmarks.fidelity top-1 agreement at P = 32 / 128 / 256 on 4,000 positions each):
+  mean centroids            GSM8K 0.959 / 0.992 / 0.996   IFEval 0.910 / 0.976 / 0.988
+                            MMLU-Pro 0.914 / 0.972 / 0.984
+  fit, lr 1e-5, 2 epochs    GSM8K 0.961 / 0.992 / 0.996   IFEval 0.949 / 0.982 / 0.989
+                            MMLU-Pro 0.940 / 0.974 / 0.984
+  fit, lr 1e-4, 6 epochs    held-out docstring misses fall 8x, but GSM8K 0.947 / 0.984 / 0.990:
+                            worse at P >= 64 on all three.
+The fit learns a prior of the calibration text: the softmax's normalizer pushes down clusters
+that never matter in that text, and their tokens are then missed elsewhere.  Hence the small
+default step (a mild fit); its gain is at small P, and it leaves P >= 256 unchanged.
+
 Cost: the targets need one dense pass (N x V x D multiply-adds, bf16 on CPU); each epoch is three
 N x K x D products (scores, two gradients).  Qwen2.5-Coder-1.5B (K = 9,496, D = 1,536), 2 CPU
 cores: see the build-time table (benchmarks.build_time --fit-hidden).
@@ -33,8 +45,8 @@ import torch
 
 @dataclass(frozen=True)
 class CentroidFitConfig:
-    epochs: int = 6
-    lr: float = 1e-4              # Adam step, in units of the centroid entries
+    epochs: int = 2
+    lr: float = 1e-5              # Adam step, in units of the centroid entries (see the note above)
     batch: int = 256
     temperature: float = 1.0      # of the dense softmax that gives the cluster masses
     top_clusters: int = 32        # clusters of p kept per position
