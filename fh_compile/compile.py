@@ -26,14 +26,13 @@ from torch import nn
 
 from fh_compile.assets import HEADER_FILE, AssetError, FlashHeadAssets, weight_fingerprint
 from fh_compile.build_assets import build_assets
-from fh_compile.decode import FORWARDS, DecodeStep, head_next_tokens
+from fh_compile.decode import DecodeStep, check_forward_attention, head_next_tokens
 from fh_compile.head import KERNELS, FlashHeadLMHead, _output_embeddings, restore_dense_head, swap_head
 from fh_compile.sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
 
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-ATTENTIONS = ("auto", "hf")
 DEFAULT_ASSET_CACHE = Path("~/.cache/fh-compile/assets")
 
 _STEP_IDS = itertools.count()
@@ -70,13 +69,7 @@ class CompileOptions:
                              f"{self.max_batch_size}, {self.max_cache_len}")
         if self.cluster_size < 1:
             raise ValueError(f"cluster_size must be >= 1, got {self.cluster_size}")
-        if self.forward not in FORWARDS:
-            raise ValueError(f"forward must be one of {FORWARDS}, got {self.forward!r}")
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
-        if self.forward == "fast" and self.attention == "hf":
-            raise ValueError("attention='hf' (transformers' attention) needs forward='hf' or "
-                             "'auto': the fast forward always runs flashhead::decode_attention")
+        check_forward_attention(self.forward, self.attention)
 
 
 @dataclass(frozen=True)

@@ -46,12 +46,12 @@ from torch import nn
 from transformers import StaticCache
 
 from custom_ops import FlashHeadTopK
-from custom_ops.decode_attention import is_traced
+from custom_ops.counters import is_traced
 from fh_compile import hf_attention
 from fh_compile.arch import UnsupportedArchitecture
 from fh_compile.fast_decoder import FastDecoder
 from fh_compile.head import FlashHeadLMHead, _output_embeddings
-from fh_compile.sampling import SamplingConfig, gumbel_probe_noise, sample_candidates
+from fh_compile.sampling import SamplingConfig, sample_candidates
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +84,10 @@ def head_next_tokens(head: nn.Module, h: torch.Tensor, sampling: SamplingConfig,
                      softcap: float | None = None) -> torch.Tensor:
     """h [N, D] -> next token ids [N] int64.  Sampling draws among the k best candidates of
     either head (soft-capped like the model's logits), so FlashHead and dense A/B runs share one
-    sampling pipeline; stochastic probing draws FlashHead's probed clusters with Gumbel noise."""
-    noise = None
-    if (isinstance(head, FlashHeadLMHead) and sampling.stochastic_probing
-            and head.path_for(h.shape[0]) == "flashhead"):
-        noise = gumbel_probe_noise(h.shape[0], head.fh_centroids.shape[0], sampling.temperature,
-                                   h.device)
-    cand = head_topk(head, h, 1 if not sampling.do_sample else k, noise, softcap)
+    sampling pipeline."""
+    if isinstance(head, FlashHeadLMHead):
+        return head.next_tokens(h, sampling, softcap)
+    cand = head_topk(head, h, 1 if not sampling.do_sample else k, softcap=softcap)
     return sample_candidates(cand.ids, cand.logits, sampling)
 
 
@@ -107,6 +104,17 @@ def _cache_argument_name(body: nn.Module) -> str:
         return "past_key_values"
     raise TypeError(f"{type(body).__name__}.forward takes neither `cache` nor `past_key_values`; "
                     f"DecodeStep supports Hugging Face decoder-only models (Qwen2, Llama)")
+
+
+def check_forward_attention(forward: str, attention: str) -> None:
+    """Raise ValueError for an unknown forward / attention or a combination that cannot run."""
+    if forward not in FORWARDS:
+        raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    if attention == "hf" and forward == "fast":
+        raise ValueError("attention='hf' (transformers' attention) needs forward='hf' or "
+                         "'auto': the fast forward always runs flashhead::decode_attention")
 
 
 @dataclass(frozen=True)
@@ -131,13 +139,7 @@ class DecodeStep(nn.Module):
         if max_batch_size < 1 or max_cache_len < 2 or k < 1:
             raise ValueError(f"need max_batch_size >= 1, max_cache_len >= 2 and k >= 1, got "
                              f"{max_batch_size}, {max_cache_len}, {k}")
-        if forward not in FORWARDS:
-            raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
-        if attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
-        if attention == "hf" and forward == "fast":
-            raise ValueError("attention='hf' (transformers' attention) needs forward='hf' or "
-                             "'auto': the fast forward always runs flashhead::decode_attention")
+        check_forward_attention(forward, attention)
         if attention == "hf":
             forward = "hf"
         _output_embeddings(model)  # a clear ValueError for models without an LM head

@@ -144,15 +144,20 @@ class FlashHeadLMHead(nn.Module):
                               cluster_size=self.cluster_size, k=k, centroid_noise=centroid_noise,
                               always_ids=always, always_rows=rows)
 
-    def next_tokens(self, h: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-        """h [N, D] -> next token ids [N] int64 (greedy or sampled over the candidates)."""
+    def next_tokens(self, h: torch.Tensor, sampling: SamplingConfig,
+                    softcap: float | None = None) -> torch.Tensor:
+        """h [N, D] -> next token ids [N] int64 (greedy or sampled over the candidates).
+        softcap: the model's final logit soft-capping, applied to the candidates' logits before
+        sampling, as transformers applies it to the dense logits (Gemma 2)."""
         noise = None
         if sampling.stochastic_probing and self.path_for(h.shape[0]) == "flashhead":
             noise = gumbel_probe_noise(h.shape[0], self.fh_centroids.shape[0],
                                        sampling.temperature, h.device)
         k = 1 if not sampling.do_sample else self.config.k
-        cand = self.topk(h, k, noise)
-        return sample_candidates(cand.ids, cand.logits, sampling)
+        ids, logits = self.topk(h, k, noise)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return sample_candidates(ids, logits, sampling)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         lead, D = hidden.shape[:-1], hidden.shape[-1]
