@@ -95,3 +95,22 @@ def test_build_assets_with_fit_hidden_keeps_the_clustering():
         assert torch.equal(fitted.centroids, plain.centroids)
     with pytest.raises(ValueError, match="fit_hidden fits the mean centroids"):
         build_assets(W, centroid_mode="normalized", fit_hidden=h)
+
+
+def test_pull_only_leaves_clusters_without_target_mass_alone():
+    W, tc, mean = _head(seed=4)
+    torch.manual_seed(4)
+    # Hidden states near the first 10 clusters' rows only: the other 30 never hold the top mass.
+    h = 4 * W[tc < 10][torch.randint(0, 160, (800,))] + 0.1 * torch.randn(800, 32)
+    tg = cluster_targets(h, W, tc, 40, 1.0, 1)
+    unused = torch.ones(40, dtype=torch.bool)
+    unused[tg.idx.unique()] = False
+    assert int(unused.sum()) >= 20
+    cfg = dict(epochs=2, lr=1e-2, batch=64, top_clusters=1, select_probes=2)
+    pulled = fit_centroids(h, W, tc, mean, CentroidFitConfig(**cfg, pull_only=True), log=lambda s: None)
+    pushed = fit_centroids(h, W, tc, mean, CentroidFitConfig(**cfg, pull_only=False),
+                           log=lambda s: None)
+    assert pulled.best_epoch > 0 and pushed.best_epoch > 0
+    assert torch.equal(pulled.centroids[unused], mean[unused])
+    assert not torch.equal(pulled.centroids[~unused], mean[~unused])
+    assert not torch.equal(pushed.centroids[unused], mean[unused])
