@@ -103,3 +103,16 @@ def test_fast_forward_shares_weights_and_uncompile_undoes_it(tmp_path):
         assert torch.equal(p, before[n]), n
     assert {n: p.data_ptr() for n, p in other.named_parameters()} == other_ptrs
     assert torch.equal(hf_greedy(model, ids, mask), expected)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text"])
+def test_transformers_generate_with_flashhead_on_gemma(arch):
+    """model.generate (transformers' own loop, sliding-window cache, soft-capping) with the
+    FlashHead head swapped in gives the dense head's greedy tokens at probes = K."""
+    model = tiny_arch(arch)
+    ids, mask = prompt_batch(5)
+    expected = hf_greedy(model, ids, mask)
+    assets = fh_compile.build_assets(model.get_output_embeddings().weight.detach(),
+                                     cluster_size=16, coarse_iters=2, fine_iters=2)
+    fh_compile.swap_head(model, assets, probes=assets.num_clusters, k=4, dense_above_rows=2)
+    assert torch.equal(hf_greedy(model, ids, mask), expected)
