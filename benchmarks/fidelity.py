@@ -226,27 +226,28 @@ def print_tables(result: dict) -> None:
               f"{r['tv_t1']:>9.5f}{r['tv_t1_p99']:>9.5f}")
     print("\ntop-1 agreement per variant (all positions); P99 = probes needed for 0.99")
     probes = sorted({r["probes"] for r in rows})
-    print(f"{'dataset':<10}{'clustering':<12}{'centroids':<11}" + "".join(f"{'P=' + str(p):>8}" for p in probes)
-          + f"{'P99':>6}")
+    w = max(12, *(len(r["clustering"]) + 2 for r in rows))
+    print(f"{'dataset':<10}{'clustering':<{w}}{'centroids':<11}"
+          + "".join(f"{'P=' + str(p):>8}" for p in probes) + f"{'P99':>6}")
     seen = {}
     for r in rows:
         if r["positions_subset"] == "all":
             seen.setdefault((r["dataset"], r["clustering"], r["centroid_mode"]), {})[r["probes"]] = r
     for (ds, cl, mode), by_p in seen.items():
         p99 = next(iter(by_p.values()))["probes_for_agreement_0.99"]
-        print(f"{ds:<10}{cl:<12}{mode:<11}" + "".join(f"{by_p[p]['top1_agreement']:>8.4f}" for p in probes)
-              + f"{p99:>6}")
+        print(f"{ds:<10}{cl:<{w}}{mode:<11}"
+              + "".join(f"{by_p[p]['top1_agreement']:>8.4f}" for p in probes) + f"{p99:>6}")
     if not any("eos_positions" in r for r in rows):
         return
     print("\nend-of-turn/eos recall: positions whose dense argmax is an always-scored id (n), "
           "FlashHead top-1 agreement there without / with always-scored ids")
-    print(f"{'dataset':<10}{'clustering':<12}{'centroids':<11}{'n':>5}"
+    print(f"{'dataset':<10}{'clustering':<{w}}{'centroids':<11}{'n':>5}"
           + "".join(f"{'P=' + str(p):>13}" for p in probes))
     for (ds, cl, mode), by_p in seen.items():
         n = next(iter(by_p.values())).get("eos_positions", 0)
         cells = "".join(f"{by_p[p]['eos_top1_recall']:>6.3f} /{by_p[p]['eos_top1_recall_always']:>5.3f}"
                         if n else f"{'-':>13}" for p in probes)
-        print(f"{ds:<10}{cl:<12}{mode:<11}{n:>5}" + cells)
+        print(f"{ds:<10}{cl:<{w}}{mode:<11}{n:>5}" + cells)
 
 
 def plot(result: dict, png: Path, max_probes: int) -> None:
