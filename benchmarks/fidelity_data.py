@@ -178,7 +178,8 @@ def save_hidden(path: Path, hs: HiddenSet, meta: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({"h": hs.h.contiguous(), "next_ids": hs.next_ids, "is_answer": hs.is_answer,
-               "item": hs.item, "always_ids": hs.always_ids}, str(tmp), metadata={"fidelity": json.dumps(meta, sort_keys=True)})
+               "item": hs.item, "always_ids": hs.always_ids}, str(tmp),
+              metadata={"fidelity": json.dumps(meta, sort_keys=True)})
     tmp.replace(path)
 
 

@@ -142,10 +142,10 @@ def stdlib_docs(min_chars: int = 200, seed: int = 0) -> list[dict[str, str]]:
                 mod = importlib.import_module(name)
             except Exception:   # platform-specific modules (winreg, ...) or missing C parts
                 continue
-            objs = [(name, mod)] + [(f"{name}.{a}", o) for a, o in sorted(vars(mod).items())
-                                    if not a.startswith("_") and getattr(o, "__module__", None) == name
-                                    and (inspect.isfunction(o) or inspect.isclass(o)
-                                         or inspect.isbuiltin(o))]
+            objs = [(name, mod)] + [
+                (f"{name}.{a}", o) for a, o in sorted(vars(mod).items())
+                if not a.startswith("_") and getattr(o, "__module__", None) == name
+                and (inspect.isfunction(o) or inspect.isclass(o) or inspect.isbuiltin(o))]
             for qual, obj in objs:
                 doc = inspect.getdoc(obj)
                 if not doc or len(doc) < min_chars:
@@ -175,7 +175,8 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[in
     ids = tokenizer(text, add_special_tokens=False).input_ids
     if gen:
         return ids, len(ids)
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False,
+                                           add_generation_prompt=True)
     return ids, len(tokenizer(prompt, add_special_tokens=False).input_ids)
 
 

@@ -177,7 +177,8 @@ def test_eos_recall_with_and_without_always_ids(head_and_h):
         ids, _ = flashhead_reference(h, assets.centroids, assets.weight, assets.offsets,
                                      assets.token_ids, P, 16, k=1)
         assert row["eos_positions"] == int(is_eos.sum()) > 0
-        assert row["eos_top1_recall"] == pytest.approx(float((ids[is_eos, 0] == top1[is_eos]).float().mean()))
+        recall = float((ids[is_eos, 0] == top1[is_eos]).float().mean())
+        assert row["eos_top1_recall"] == pytest.approx(recall)
         sel = (h.float() @ assets.centroids.float().t()).topk(P, dim=1).indices
         cand = torch.zeros_like(dense, dtype=torch.bool)
         cand[:, always] = True
