@@ -81,6 +81,9 @@ def _build_assets_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--always-id", action="append", default=[], metavar="ID_OR_TOKEN",
                    help="a token FlashHead scores at every step, besides the model's eos and "
                         "end-of-turn tokens: a vocabulary id or a token string (repeatable)")
+    p.add_argument("--fit-hidden", type=Path, metavar="DIR",
+                   help="fit the centroids to these calibration hidden states of the model "
+                        "(from python -m fh_compile.calibration; fh_compile.centroid_fit)")
     add_verbosity_flags(p)
     return p
 
@@ -111,13 +114,23 @@ def run_build_assets(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as e:
         print(f"error: --always-id: {e}", file=sys.stderr)
         return 2
+    fit: dict[str, Any] = {}
+    if args.fit_hidden is not None:
+        from fh_compile.calibration import load_hidden
+
+        try:
+            h, meta = load_hidden(args.fit_hidden)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: --fit-hidden: {e}", file=sys.stderr)
+            return 2
+        fit = dict(fit_hidden=h.to(args.device), fit_source=meta.get("source"))
     log.info("read the [%d, %d] head in %.1f s; clustering it into clusters of %d rows on %s",
              V, D, time.perf_counter() - t0, args.cluster_size, args.device)
     t0 = time.perf_counter()
     try:
         assets = build_assets(weight.to(args.device), cluster_size=args.cluster_size,
                               centroid_mode=args.centroid_mode, coarse_iters=args.iters,
-                              fine_iters=args.iters, seed=args.seed, always_ids=always)
+                              fine_iters=args.iters, seed=args.seed, always_ids=always, **fit)
     except (TypeError, ValueError) as e:  # settings that do not fit this head
         print(f"error: {e}", file=sys.stderr)
         return 2

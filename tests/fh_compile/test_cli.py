@@ -128,3 +128,20 @@ def test_build_assets_bad_settings_exit_2(tiny_hf_untied, tmp_path, capsys):
     assert _build(tiny_hf_untied, tmp_path / "a", "--cluster-size", "1000") == 2
     assert "cluster_size 1000 exceeds the vocabulary size" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+def test_build_assets_fits_centroids_to_calibration_hidden_states(tiny_hf_untied, tmp_path):
+    import torch
+
+    from fh_compile import calibration
+
+    calib = tmp_path / "calib"
+    h = torch.randn(400, 64)                                          # [N, D] of the tiny model
+    calibration.save(calib, [{"user": "u", "assistant": "a"}], h,
+                     {"source": "random test states", "source_kind": "test"})
+    out = tmp_path / "assets"
+    assert _build(tiny_hf_untied, out, "-q", "--fit-hidden", str(calib)) == 0
+    params = json.loads((out / HEADER_FILE).read_text())["params"]
+    assert params["centroid_fit"]["source"] == "random test states"
+    assert _build(tiny_hf_untied, tmp_path / "other", "-q", "--fit-hidden",
+                  str(tmp_path / "missing")) == 2
