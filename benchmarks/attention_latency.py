@@ -105,10 +105,11 @@ def run(cfg: AttentionLatencyConfig) -> tuple[dict, list[dict], list[dict]]:
     import triton
 
     import custom_ops  # noqa: F401  (registers torch.ops.flashhead.decode_attention)
-    from benchmarks.step_cost import copy_bandwidth, profile_step
+    from benchmarks.head_latency import copy_bandwidth_gbps
+    from benchmarks.step_cost import profile_step
     from custom_ops import decode_attention_triton as dat
 
-    bw = copy_bandwidth()
+    bw = copy_bandwidth_gbps()
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": triton.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "copy_bandwidth_gbps": round(bw, 1), "dtype": "bf16"}

@@ -2,7 +2,6 @@
 
     floor = step_bytes(model, step, assets, "fh-triton", B=1, probes=256, filled=128)
     prof = profile_step(call)            # kernels per step, GPU time per kernel (CUDA graphs too)
-    bw = copy_bandwidth()                # measured device-to-device copy GB/s (read + write)
 
 The byte floor is what a step cannot avoid reading once: the body's weights (the embedding only
 as B rows), the K/V of the slots each layer attends to (the filled slots, at most the window),
@@ -87,16 +86,3 @@ def profile_step(call: Callable[[], object], steps: int = 4, top: int = 12) -> d
                 memcpys_per_step=memcpys / steps, kernel_us_per_step=gpu_us / steps,
                 top=[dict(kernel=n, us_per_step=sum(v) / steps, launches_per_step=len(v) / steps)
                      for n, v in ranked])
-
-
-def copy_bandwidth(gigabytes: float = 1.0) -> float:
-    """Device-to-device copy bandwidth in GB/s (bytes read + written), median of 20 copies."""
-    import triton.testing
-
-    n = int(gigabytes * 1e9) // 2
-    src = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * n * 2 / ms / 1e6

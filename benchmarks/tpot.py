@@ -37,7 +37,8 @@ import torch
 
 from benchmarks import cuda_missing
 from benchmarks.random_models import ARCHS, random_model
-from benchmarks.step_cost import copy_bandwidth, profile_step, step_bytes
+from benchmarks.head_latency import copy_bandwidth_gbps
+from benchmarks.step_cost import profile_step, step_bytes
 
 FORWARDS = {"hf": dict(forward="hf", attention="hf"), "hfa": dict(forward="hf"),
             "fast": dict(forward="fast")}
@@ -229,7 +230,7 @@ def run(cfg: TpotConfig) -> tuple[dict, list[dict]]:
             build_kwargs=dict(coarse_iters=cfg.build_iters, fine_iters=cfg.build_iters))
         print(f"assets {'built' if built else 'loaded'} in {time.perf_counter() - t0:.1f} s "
               f"({folder})", flush=True)
-    copy_gbs = copy_bandwidth()
+    copy_gbs = copy_bandwidth_gbps()
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, transformers=transformers.__version__,
                 date=datetime.datetime.now().isoformat(timespec="seconds"), model=name,
