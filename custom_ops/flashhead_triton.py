@@ -451,6 +451,31 @@ def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union
 
 
 @triton.jit
+def _rows_dot(h_ptr, w_ptr, rows, valid, b, b_ok, D, DOT_FP32: tl.constexpr,
+              EVEN_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr):
+    """fp32 [BLOCK_B, BLOCK_N] products of the rows b of h [B, D] with the weight rows `rows`
+    (weight [V, D]), over D in BLOCK_D chunks; rows not `valid` and b not `b_ok` read zeros."""
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        if EVEN_D:
+            w_mask = valid[:, None]
+            h_mask = b_ok[:, None]
+        else:
+            w_mask = valid[:, None] & (d < D)[None, :]
+            h_mask = b_ok[:, None] & (d < D)[None, :]
+        wv = tl.load(w_ptr + rows[:, None] * D + d[None, :], mask=w_mask, other=0.0)
+        hv = tl.load(h_ptr + b[:, None] * D + d[None, :], mask=h_mask, other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(hv.to(tl.float32), tl.trans(wv.to(tl.float32)), acc,
+                         input_precision="ieee")
+        else:
+            acc = tl.dot(hv, tl.trans(wv), acc)
+    return acc
+
+
+@triton.jit
 def _score_union_block(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union_ptr, n_union,
                        key_ptr, always_ptr, g, bb, B, K, D, NCAND, C: tl.constexpr,
                        GROUP: tl.constexpr, BEST: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -476,22 +501,8 @@ def _score_union_block(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union_
     live = tl.reshape(tl.broadcast_to(live_g[:, None], (GROUP, BLOCK_C)), (GROUP * BLOCK_C,))
     b = bb * BLOCK_B + tl.arange(0, BLOCK_B)
     b_ok = b < B
-    acc = tl.zeros((BLOCK_B, GROUP * BLOCK_C), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        if EVEN_D:
-            w_mask = valid[:, None]
-            h_mask = b_ok[:, None]
-        else:
-            w_mask = valid[:, None] & (d < D)[None, :]
-            h_mask = b_ok[:, None] & (d < D)[None, :]
-        wv = tl.load(w_ptr + rows[:, None] * D + d[None, :], mask=w_mask, other=0.0)
-        hv = tl.load(h_ptr + b[:, None] * D + d[None, :], mask=h_mask, other=0.0)
-        if DOT_FP32:
-            acc = tl.dot(hv.to(tl.float32), tl.trans(wv.to(tl.float32)), acc,
-                         input_precision="ieee")
-        else:
-            acc = tl.dot(hv, tl.trans(wv), acc)
+    acc = _rows_dot(h_ptr, w_ptr, rows, valid, b, b_ok, D, DOT_FP32, EVEN_D, BLOCK_B,
+                    GROUP * BLOCK_C, BLOCK_D)                          # [BLOCK_B, GROUP * BLOCK_C]
     if A > 0:
         # An always row is scored by `_score_always_block`; here its slot becomes padding.
         for a0 in tl.static_range(0, A, A_BLOCK):
@@ -533,22 +544,8 @@ def _score_always_block(h_ptr, w_ptr, token_ids_ptr, always_ptr, key_ptr, g, bb,
     rows = tl.where(valid, rows, 0)
     b = bb * BLOCK_B + tl.arange(0, BLOCK_B)
     b_ok = b < B
-    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):                     # as in `_score_union_block`
-        d = d0 + tl.arange(0, BLOCK_D)
-        if EVEN_D:
-            w_mask = valid[:, None]
-            h_mask = b_ok[:, None]
-        else:
-            w_mask = valid[:, None] & (d < D)[None, :]
-            h_mask = b_ok[:, None] & (d < D)[None, :]
-        wv = tl.load(w_ptr + rows[:, None] * D + d[None, :], mask=w_mask, other=0.0)
-        hv = tl.load(h_ptr + b[:, None] * D + d[None, :], mask=h_mask, other=0.0)
-        if DOT_FP32:
-            acc = tl.dot(hv.to(tl.float32), tl.trans(wv.to(tl.float32)), acc,
-                         input_precision="ieee")
-        else:
-            acc = tl.dot(hv, tl.trans(wv), acc)
+    acc = _rows_dot(h_ptr, w_ptr, rows, valid, b, b_ok, D, DOT_FP32, EVEN_D, BLOCK_B, BLOCK_N,
+                    BLOCK_D)                                           # [BLOCK_B, BLOCK_N]
     score = tl.where(valid[None, :], acc, float("-inf"))
     tid = tl.load(token_ids_ptr + rows)                                 # [BLOCK_N]
     key = (_order_key32(score).to(tl.int64) << 32) | (2147483647 - tid)[None, :]
