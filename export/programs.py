@@ -22,8 +22,6 @@ from export.manifest import Artifact, TensorInfo, Verification
 from export.modules import Decode, Prefill, new_state
 from fh_compile.decode import DecodeStep
 
-FLASHHEAD_OP = torch.ops.flashhead.topk.default
-
 # (input_ids, attention_mask, state) -> (ids, logits) and (input_ids, state) -> (ids, logits)
 PrefillFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 DecodeFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -31,13 +29,6 @@ DecodeFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 class ExportCheckError(RuntimeError):
     """An exported graph that breaks a promise of this package (e.g. FlashHead not one node)."""
-
-
-def flashhead_node_count(program: ExportedProgram | torch.fx.GraphModule) -> int:
-    """Nodes calling torch.ops.flashhead.topk.default, in the graph and all its subgraphs."""
-    gm = program.graph_module if isinstance(program, ExportedProgram) else program
-    return sum(node.target is FLASHHEAD_OP for mod in gm.modules()
-               if isinstance(mod, torch.fx.GraphModule) for node in mod.graph.nodes)
 
 
 def custom_op_counts(program: ExportedProgram | torch.fx.GraphModule) -> dict[str, int]:
@@ -51,6 +42,11 @@ def custom_op_counts(program: ExportedProgram | torch.fx.GraphModule) -> dict[st
                 if node.op == "call_function" and op is not None and op.name.startswith("flashhead::"):
                     counts[op.name] = counts.get(op.name, 0) + 1
     return counts
+
+
+def flashhead_node_count(program: ExportedProgram | torch.fx.GraphModule) -> int:
+    """Nodes calling torch.ops.flashhead.topk, in the graph and all its subgraphs."""
+    return custom_op_counts(program).get("flashhead::topk", 0)
 
 
 def check_fast_step_nodes(program: ExportedProgram, step: DecodeStep, name: str) -> None:
