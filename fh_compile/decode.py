@@ -218,15 +218,13 @@ class DecodeStep(nn.Module):
         torch._dynamo.mark_static_address(self.starts)
 
     def _hf_attention_info(self, attention: str, reason: str | None) -> StepInfo:
-        """Use flashhead::decode_attention inside transformers' forward where its StaticCache
-        allows (attention='auto'), through its attention interface; say which runs and why."""
+        """Use flashhead::decode_attention inside transformers' forward (attention='auto'),
+        through its attention interface; say which runs and why.  `_init_hf_state` has already
+        refused the caches the op cannot read (sliding-window ring buffers, linear attention),
+        so every model that gets here can use it."""
         own = str(self.model.config._attn_implementation)
         if attention == "hf":
             return StepInfo("hf", own, reason)
-        why_not = hf_attention.unsupported_reason(self.model)
-        if why_not is not None:
-            log.warning("DecodeStep: transformers' attention (%s) is kept: %s", own, why_not)
-            return StepInfo("hf", own, f"{reason}; decode attention not used: {why_not}")
         hf_attention.register()
         self._hf_attention = hf_attention.ATTENTION_NAME
         return StepInfo("hf", f"flashhead::decode_attention (transformers' attention interface "
