@@ -1,0 +1,214 @@
+"""Triton kernel of flashhead::rope_decode_attention: q/k RMSNorm + rotary, the KV-cache write of
+the new token and split-K decode attention, in ONE launch (the work of rope_kv_write followed by
+decode_attention, custom_ops/rope_cache_triton.py and custom_ops/decode_attention_triton.py).
+
+Grid (B * Hkv * NG, S) as in `_decode_attention_kernel`, with its valid range, chunks, splits and
+last-program combine (`decode_blocks`, `_combine`).  Program (b, kv head, head tile, split s):
+  1. loads its tile of 16 query heads from qkv [B, (Hq + 2 * Hkv) * Dh] twice: at lane d and at
+     its rotate_half partner (d + Dh / 2) % Dh (so no in-register shuffle), applies the q RMSNorm
+     (optional) and rotary in fp32, rounds to qkv's dtype: the q that rope_kv_write returns;
+  2. does the same for the new k of its kv head (rounded to the cache dtype) and loads the new v;
+  3. streams its chunk of the valid range [lo, min(fill, L)); slot fill - 1 (the new token) is
+     never loaded from the cache: k_new / v_new are substituted for it in registers;
+  4. exactly one program per (b, kv head) stores k_new / v_new into slot fill - 1: the split
+     whose chunk holds the slot (split 0 if the row's range is empty), head tile 0; nothing if
+     the slot is outside [0, L).  Other programs of that (b, kv head) never read the slot, so no
+     program reads what another one writes.
+Rotary position of row b: fill - 1 - starts[b].  fill and starts are read on the device (no host
+sync; the grid depends on shapes only: CUDA-graph safe while the fill grows).
+Bytes moved: decode_attention's (K and V of the valid slots once, q and out, L2-resident
+partials) + qkv's q, k, v heads read once per split and the two cache slots written; the rope
+op's q_out round trip (write + read of B * Hq * Dh elements) and its launch are gone.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from custom_ops.counters import is_traced, workspace
+from custom_ops.decode_attention_triton import (_HEADS, DecodeBlocks, _check_blocks, _combine,
+                                                _empty, _launch, _tanh, decode_blocks)
+
+
+@triton.jit
+def _norm_rope_rows(x, xp, w_ptr, d, dp, d_ok, cos, sin, eps, norm_offset,
+                    HAS_NORM: tl.constexpr, DH: tl.constexpr):
+    """Heads x [R, BLOCK_D] fp32 (lane d) and xp (lane dp = partner of d, same head) ->
+    [RMSNorm] + rotate_half rotary of x, fp32 [R, BLOCK_D]; cos, sin [BLOCK_D] per lane."""
+    if HAS_NORM:
+        inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / DH + eps)        # [R]
+        w = tl.load(w_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        wp = tl.load(w_ptr + dp, mask=d_ok, other=0.0).to(tl.float32)
+        x = x * inv_rms[:, None] * (norm_offset + w)[None, :]
+        xp = xp * inv_rms[:, None] * (norm_offset + wp)[None, :]
+    # First half: x1 cos - x2 sin; second half: x2 cos + x1 sin (transformers' rotate_half).
+    xc = x * cos[None, :]
+    xs = xp * sin[None, :]
+    return tl.where((d < DH // 2)[None, :], xc - xs, xc + xs)
+
+
+@triton.jit
+def _rope_attention_kernel(qkv_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, inv_freq_ptr, qn_ptr,
+                           kn_ptr, out_ptr, pm_ptr, pl_ptr, pacc_ptr, count_ptr, attn_scaling,
+                           eps, norm_offset, scale, softcap, window, min_chunk, L, HKV, GROUP, NG,
+                           DH: tl.constexpr, S: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_N: tl.constexpr, SPLIT_PAD: tl.constexpr,
+                           HAS_QN: tl.constexpr, HAS_KN: tl.constexpr, SOFTCAP: tl.constexpr,
+                           DOT_FP32: tl.constexpr):
+    """See the module docstring.  qkv [B, (Hq + 2 * Hkv) * Dh]; k, v caches [B, Hkv, L, Dh]
+    (contiguous; slot fill - 1 written); starts [B] int64; fill [1] int64; inv_freq [Dh / 2]
+    fp32; q / k norm weights [Dh] when HAS_*; out [B, Hq, 1, Dh]; partials pm, pl [NP, 16, S]
+    and pacc [NP, 16, S, Dh] fp32; count [>= NP] int32, zero on entry and on exit."""
+    # Inductor passes Python floats to user kernels as fp64 scalars: keep the math fp32.
+    attn_scaling = tl.cast(attn_scaling, tl.float32)
+    eps = tl.cast(eps, tl.float32)
+    norm_offset = tl.cast(norm_offset, tl.float32)
+    pid = tl.program_id(0)                         # (b, kv head, head tile)
+    s = tl.program_id(1)
+    tile = pid % NG
+    b = (pid // NG) // HKV
+    kvh = (pid // NG) % HKV
+    slot = tl.load(fill_ptr) - 1                   # the new token's slot (may lie outside [0, L))
+    start = tl.load(starts_ptr + b)
+    fill = tl.minimum(slot + 1, L)
+    lo = tl.maximum(start, 0)
+    if window > 0:
+        lo = tl.maximum(lo, fill - window)
+    n = tl.maximum(fill - lo, 0)
+    chunk = tl.maximum(tl.cdiv(tl.cdiv(n, S), BLOCK_N) * BLOCK_N, min_chunk)
+    active = tl.cdiv(n, chunk)                     # A: splits with slots to read
+    if s < tl.maximum(active, 1):
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < DH
+        dp = (d + DH // 2) % DH                    # rotate_half partner lane
+        pos = (slot - start).to(tl.float32)
+        angle = pos * tl.load(inv_freq_ptr + d % (DH // 2), mask=d_ok, other=0.0)
+        cos = tl.cos(angle) * attn_scaling         # [BLOCK_D] fp32
+        sin = tl.sin(angle) * attn_scaling
+        row = b.to(tl.int64) * (HKV * (GROUP + 2)) * DH  # qkv row b: Hq + 2 * Hkv heads
+        # 1. q of the tile's heads: [16, BLOCK_D], rounded as rope_kv_write's q_out.
+        g = tile * 16 + tl.arange(0, 16)           # query heads of the group, padded to 16
+        g_ok = g < GROUP
+        qh = (kvh * GROUP + g).to(tl.int64) * DH   # head offsets within the row
+        q_mask = g_ok[:, None] & d_ok[None, :]
+        x = tl.load(qkv_ptr + row + qh[:, None] + d[None, :], mask=q_mask, other=0.0)
+        xp = tl.load(qkv_ptr + row + qh[:, None] + dp[None, :], mask=q_mask, other=0.0)
+        q = _norm_rope_rows(x.to(tl.float32), xp.to(tl.float32), qn_ptr, d, dp, d_ok, cos, sin,
+                            eps, norm_offset, HAS_QN, DH).to(qkv_ptr.dtype.element_ty)
+        # 2. the new k (roped, rounded to the cache dtype) and v of the kv head: [1, BLOCK_D].
+        kh = (HKV * GROUP + kvh).to(tl.int64) * DH
+        vh = (HKV * GROUP + HKV + kvh).to(tl.int64) * DH
+        x = tl.load(qkv_ptr + row + kh + d[None, :], mask=d_ok[None, :], other=0.0)
+        xp = tl.load(qkv_ptr + row + kh + dp[None, :], mask=d_ok[None, :], other=0.0)
+        k_new = _norm_rope_rows(x.to(tl.float32), xp.to(tl.float32), kn_ptr, d, dp, d_ok, cos,
+                                sin, eps, norm_offset, HAS_KN, DH).to(k_ptr.dtype.element_ty)
+        v_new = tl.load(qkv_ptr + row + vh + d[None, :], mask=d_ok[None, :], other=0.0)
+        v_new = v_new.to(v_ptr.dtype.element_ty)
+        kv_base = (b * HKV + kvh).to(tl.int64) * L * DH
+        # 4. the cache write, by one program per (b, kv head): see the module docstring.
+        owner = tl.where(n > 0, (slot - lo) // chunk, 0)
+        if (s == owner) & (tile == 0) & (slot >= 0) & (slot < L):
+            dst = kv_base + slot.to(tl.int64) * DH + d[None, :]
+            tl.store(k_ptr + dst, k_new, mask=d_ok[None, :])
+            tl.store(v_ptr + dst, v_new, mask=d_ok[None, :])
+        # 3. split-K attention over the chunk, the new slot taken from registers.
+        m_i = tl.full((16,), float("-inf"), tl.float32)
+        l_i = tl.zeros((16,), tl.float32)
+        acc = tl.zeros((16, BLOCK_D), tl.float32)
+        j_lo = lo + s * chunk
+        j_hi = tl.minimum(j_lo + chunk, fill)
+        for j0 in range(j_lo, j_hi, BLOCK_N):
+            j = j0 + tl.arange(0, BLOCK_N)
+            j_ok = j < j_hi
+            is_new = (j == slot)[:, None]          # [BLOCK_N, 1]
+            kv_off = kv_base + j.to(tl.int64)[:, None] * DH + d[None, :]
+            kv_mask = j_ok[:, None] & d_ok[None, :] & (j != slot)[:, None]
+            k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)          # [BLOCK_N, BLOCK_D]
+            k = tl.where(is_new, k_new, k)
+            if DOT_FP32:
+                sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)),
+                            input_precision="ieee")
+            else:
+                sc = tl.dot(q, tl.trans(k))                               # [16, BLOCK_N] fp32
+            sc = sc * tl.cast(scale, tl.float32)
+            if SOFTCAP:
+                cap = tl.cast(softcap, tl.float32)
+                sc = cap * _tanh(sc / cap)
+            sc = tl.where(j_ok[None, :], sc, float("-inf"))
+            # Every block holds a valid slot (j0 < j_hi), so m_new is finite.
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(sc - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)          # [BLOCK_N, BLOCK_D]
+            v = tl.where(is_new, v_new, v)
+            if DOT_FP32:
+                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        hq = (b * HKV + kvh) * GROUP + g           # flat (b, query head) index
+        out_mask = g_ok[:, None] & d_ok[None, :]
+        out_off = hq.to(tl.int64)[:, None] * DH + d[None, :]
+        if active <= 1:                            # the whole range was this program's
+            o = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
+            tl.store(out_ptr + out_off, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            prow = pid.to(tl.int64) * 16 + tl.arange(0, 16)              # [16] (NP, 16) rows
+            tl.store(pm_ptr + prow * S + s, m_i, mask=g_ok)
+            tl.store(pl_ptr + prow * S + s, l_i, mask=g_ok)
+            tl.store(pacc_ptr + (prow * S + s)[:, None] * DH + d[None, :], acc, mask=out_mask)
+            # Barrier + acq_rel counter: as in _decode_attention_kernel.
+            tl.debug_barrier()
+            done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+            if done == active - 1:
+                _combine(pm_ptr, pl_ptr, pacc_ptr, out_ptr, pid, b, kvh, tile, active, HKV,
+                         GROUP, DH, S, BLOCK_D, SPLIT_PAD)
+                tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed")          # clean for next call
+
+
+def triton_rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 starts: torch.Tensor, fill: torch.Tensor,
+                                 inv_freq: torch.Tensor, attn_scaling: float, num_q_heads: int,
+                                 q_norm: Optional[torch.Tensor], k_norm: Optional[torch.Tensor],
+                                 eps: float, norm_offset: float, scale: float, window: int = 0,
+                                 softcap: float = 0.0, counters: Optional[torch.Tensor] = None,
+                                 *, blocks: Optional[DecodeBlocks] = None) -> torch.Tensor:
+    """flashhead::rope_decode_attention with one Triton launch (inputs checked by
+    custom_ops.rope_attention.check_inputs).  Writes slot fill - 1 of the caches; returns out
+    [B, Hq, 1, Dh] in qkv's dtype.  blocks overrides `decode_blocks` (tests, benchmarks);
+    counters: a caller-held zeroed int32 buffer (custom_ops.counters.workspace), else the pool.
+    """
+    B, Hkv, L, Dh = k_cache.shape
+    Hq = num_q_heads
+    group = Hq // Hkv
+    dev = qkv.device
+    out = _empty((B, Hq, 1, Dh), qkv.dtype, dev)                         # out: [B, Hq, 1, Dh]
+    if B == 0:
+        return out
+    blk = blocks or decode_blocks(B, Hkv, group, L, Dh, qkv.dtype, dev)
+    _check_blocks(blk, Dh)
+    ng = triton.cdiv(group, _HEADS)
+    NP, S = B * Hkv * ng, blk.splits
+    # Partials of the splits, fp32: m, l [NP, 16, S]; acc [NP, 16, S, Dh] (only A <= S used).
+    part_m = _empty((NP, _HEADS, S), torch.float32, dev)
+    part_l = _empty((NP, _HEADS, S), torch.float32, dev)
+    part_acc = _empty((NP, _HEADS, S, Dh), torch.float32, dev)
+    count = workspace(counters, NP, dev, is_traced(qkv))                # count: [>= NP] int32
+    # A missing norm weight is never read; inv_freq stands in (read-only: no aliasing with the
+    # written caches for Inductor).
+    _launch(_rope_attention_kernel, (NP, S))(
+        qkv, k_cache, v_cache, starts, fill.reshape(1), inv_freq,
+        q_norm if q_norm is not None else inv_freq, k_norm if k_norm is not None else inv_freq,
+        out, part_m, part_l, part_acc, count, float(attn_scaling), float(eps),
+        float(norm_offset), float(scale), float(softcap), int(window), blk.min_chunk, L, Hkv,
+        group, ng, DH=Dh, S=S, BLOCK_D=blk.block_d, BLOCK_N=blk.block_n,
+        SPLIT_PAD=triton.next_power_of_2(S), HAS_QN=q_norm is not None,
+        HAS_KN=k_norm is not None, SOFTCAP=softcap > 0, DOT_FP32=qkv.dtype == torch.float32,
+        num_warps=blk.num_warps, num_stages=blk.num_stages)
+    return out
