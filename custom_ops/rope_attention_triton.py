@@ -7,18 +7,22 @@ last-program combine (`decode_blocks`, `_combine`).  Program (b, kv head, head t
   1. loads its tile of 16 query heads from qkv [B, (Hq + 2 * Hkv) * Dh] twice: at lane d and at
      its rotate_half partner (d + Dh / 2) % Dh (so no in-register shuffle), applies the q RMSNorm
      (optional) and rotary in fp32, rounds to qkv's dtype: the q that rope_kv_write returns;
-  2. does the same for the new k of its kv head (rounded to the cache dtype) and loads the new v;
-  3. streams its chunk of the valid range [lo, min(fill, L)); slot fill - 1 (the new token) is
-     never loaded from the cache: k_new / v_new are substituted for it in registers;
-  4. exactly one program per (b, kv head) stores k_new / v_new into slot fill - 1: the split
-     whose chunk holds the slot (split 0 if the row's range is empty), head tile 0; nothing if
-     the slot is outside [0, L).  Other programs of that (b, kv head) never read the slot, so no
-     program reads what another one writes.
+  2. streams its chunk of the valid range [lo, min(fill, L)) from the cache as the unfused
+     kernel does, except slot fill - 1 (the new token), which it never loads;
+  3. the split whose chunk holds slot fill - 1 computes the new k of its kv head (norm + rotary,
+     rounded to the cache dtype) and loads the new v, and adds that slot to its online softmax
+     from registers (after the loop, so k_new / v_new hold no registers during it: at the
+     triton 3.6 sm_90 build, substituting them inside the loop with tl.where spilled);
+  4. exactly one program per (b, kv head) stores k_new / v_new into slot fill - 1: that split
+     (split 0 if the row's range is empty), head tile 0; nothing if the slot is outside [0, L).
+     No other program reads the slot, so none reads what another one writes.
 Rotary position of row b: fill - 1 - starts[b].  fill and starts are read on the device (no host
 sync; the grid depends on shapes only: CUDA-graph safe while the fill grows).
 Bytes moved: decode_attention's (K and V of the valid slots once, q and out, L2-resident
-partials) + qkv's q, k, v heads read once per split and the two cache slots written; the rope
-op's q_out round trip (write + read of B * Hq * Dh elements) and its launch are gone.
+partials) + the q heads of qkv, read twice per split (lane and partner; L2-resident), the new k
+and v read and written by one split; the rope op's q_out round trip (B * Hq * Dh elements
+written and read) and its launch are gone.  Offline sm_90 builds (triton 3.6, 4 warps, no
+spills): 245 registers at Dh 128 bf16, 224 at Dh 256 (249 with soft-capping), 128 at Dh 64.
 """
 
 from __future__ import annotations
@@ -35,10 +39,14 @@ from custom_ops.decode_attention_triton import (_HEADS, DecodeBlocks, _check_blo
 
 
 @triton.jit
-def _norm_rope_rows(x, xp, w_ptr, d, dp, d_ok, cos, sin, eps, norm_offset,
-                    HAS_NORM: tl.constexpr, DH: tl.constexpr):
-    """Heads x [R, BLOCK_D] fp32 (lane d) and xp (lane dp = partner of d, same head) ->
-    [RMSNorm] + rotate_half rotary of x, fp32 [R, BLOCK_D]; cos, sin [BLOCK_D] per lane."""
+def _rope_heads(src, heads, mask, w_ptr, d, d_ok, cos, sin, eps, norm_offset,
+                HAS_NORM: tl.constexpr, DH: tl.constexpr):
+    """Heads at src + heads ([R, 1] or one element offset), lanes d [BLOCK_D] -> [RMSNorm] +
+    rotate_half rotary, fp32 [R, BLOCK_D].  Each lane's partner (d + Dh / 2) % Dh is loaded
+    too (no in-register shuffle); cos, sin [BLOCK_D] fp32 per lane."""
+    dp = (d + DH // 2) % DH
+    x = tl.load(src + heads + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(src + heads + dp[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_NORM:
         inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / DH + eps)        # [R]
         w = tl.load(w_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
@@ -67,6 +75,7 @@ def _rope_attention_kernel(qkv_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, inv_freq
     attn_scaling = tl.cast(attn_scaling, tl.float32)
     eps = tl.cast(eps, tl.float32)
     norm_offset = tl.cast(norm_offset, tl.float32)
+    scale = tl.cast(scale, tl.float32)
     pid = tl.program_id(0)                         # (b, kv head, head tile)
     s = tl.program_id(1)
     tile = pid % NG
@@ -84,74 +93,83 @@ def _rope_attention_kernel(qkv_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, inv_freq
     if s < tl.maximum(active, 1):
         d = tl.arange(0, BLOCK_D)
         d_ok = d < DH
-        dp = (d + DH // 2) % DH                    # rotate_half partner lane
-        pos = (slot - start).to(tl.float32)
-        angle = pos * tl.load(inv_freq_ptr + d % (DH // 2), mask=d_ok, other=0.0)
+        angle = (slot - start).to(tl.float32) * tl.load(inv_freq_ptr + d % (DH // 2),
+                                                        mask=d_ok, other=0.0)
         cos = tl.cos(angle) * attn_scaling         # [BLOCK_D] fp32
         sin = tl.sin(angle) * attn_scaling
-        row = b.to(tl.int64) * (HKV * (GROUP + 2)) * DH  # qkv row b: Hq + 2 * Hkv heads
-        # 1. q of the tile's heads: [16, BLOCK_D], rounded as rope_kv_write's q_out.
+        src = qkv_ptr + b.to(tl.int64) * (HKV * (GROUP + 2)) * DH  # row b: Hq + 2 * Hkv heads
+        # 1. q of the tile's heads [16, BLOCK_D], rounded as rope_kv_write's q_out.
         g = tile * 16 + tl.arange(0, 16)           # query heads of the group, padded to 16
         g_ok = g < GROUP
-        qh = (kvh * GROUP + g).to(tl.int64) * DH   # head offsets within the row
-        q_mask = g_ok[:, None] & d_ok[None, :]
-        x = tl.load(qkv_ptr + row + qh[:, None] + d[None, :], mask=q_mask, other=0.0)
-        xp = tl.load(qkv_ptr + row + qh[:, None] + dp[None, :], mask=q_mask, other=0.0)
-        q = _norm_rope_rows(x.to(tl.float32), xp.to(tl.float32), qn_ptr, d, dp, d_ok, cos, sin,
-                            eps, norm_offset, HAS_QN, DH).to(qkv_ptr.dtype.element_ty)
-        # 2. the new k (roped, rounded to the cache dtype) and v of the kv head: [1, BLOCK_D].
-        kh = (HKV * GROUP + kvh).to(tl.int64) * DH
-        vh = (HKV * GROUP + HKV + kvh).to(tl.int64) * DH
-        x = tl.load(qkv_ptr + row + kh + d[None, :], mask=d_ok[None, :], other=0.0)
-        xp = tl.load(qkv_ptr + row + kh + dp[None, :], mask=d_ok[None, :], other=0.0)
-        k_new = _norm_rope_rows(x.to(tl.float32), xp.to(tl.float32), kn_ptr, d, dp, d_ok, cos,
-                                sin, eps, norm_offset, HAS_KN, DH).to(k_ptr.dtype.element_ty)
-        v_new = tl.load(qkv_ptr + row + vh + d[None, :], mask=d_ok[None, :], other=0.0)
-        v_new = v_new.to(v_ptr.dtype.element_ty)
+        q = _rope_heads(src, (kvh * GROUP + g).to(tl.int64)[:, None] * DH,
+                        g_ok[:, None] & d_ok[None, :], qn_ptr, d, d_ok, cos, sin, eps,
+                        norm_offset, HAS_QN, DH).to(qkv_ptr.dtype.element_ty)
+        # 2. split-K attention over the chunk's cache slots, the new one excepted (step 3).
         kv_base = (b * HKV + kvh).to(tl.int64) * L * DH
-        # 4. the cache write, by one program per (b, kv head): see the module docstring.
-        owner = tl.where(n > 0, (slot - lo) // chunk, 0)
-        if (s == owner) & (tile == 0) & (slot >= 0) & (slot < L):
-            dst = kv_base + slot.to(tl.int64) * DH + d[None, :]
-            tl.store(k_ptr + dst, k_new, mask=d_ok[None, :])
-            tl.store(v_ptr + dst, v_new, mask=d_ok[None, :])
-        # 3. split-K attention over the chunk, the new slot taken from registers.
         m_i = tl.full((16,), float("-inf"), tl.float32)
         l_i = tl.zeros((16,), tl.float32)
         acc = tl.zeros((16, BLOCK_D), tl.float32)
         j_lo = lo + s * chunk
         j_hi = tl.minimum(j_lo + chunk, fill)
-        for j0 in range(j_lo, j_hi, BLOCK_N):
+        j_end = tl.minimum(j_hi, slot)             # the chunk holding the slot ends with it
+        for j0 in range(j_lo, j_end, BLOCK_N):
             j = j0 + tl.arange(0, BLOCK_N)
-            j_ok = j < j_hi
-            is_new = (j == slot)[:, None]          # [BLOCK_N, 1]
+            j_ok = j < j_end
             kv_off = kv_base + j.to(tl.int64)[:, None] * DH + d[None, :]
-            kv_mask = j_ok[:, None] & d_ok[None, :] & (j != slot)[:, None]
+            kv_mask = j_ok[:, None] & d_ok[None, :]
             k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)          # [BLOCK_N, BLOCK_D]
-            k = tl.where(is_new, k_new, k)
             if DOT_FP32:
                 sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)),
                             input_precision="ieee")
             else:
                 sc = tl.dot(q, tl.trans(k))                               # [16, BLOCK_N] fp32
-            sc = sc * tl.cast(scale, tl.float32)
+            sc = sc * scale
             if SOFTCAP:
                 cap = tl.cast(softcap, tl.float32)
                 sc = cap * _tanh(sc / cap)
             sc = tl.where(j_ok[None, :], sc, float("-inf"))
-            # Every block holds a valid slot (j0 < j_hi), so m_new is finite.
+            # Every block holds a valid slot (j0 < j_end), so m_new is finite.
             m_new = tl.maximum(m_i, tl.max(sc, axis=1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(sc - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)          # [BLOCK_N, BLOCK_D]
-            v = tl.where(is_new, v_new, v)
             if DOT_FP32:
                 pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
             else:
                 pv = tl.dot(p.to(v.dtype), v)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
+        # 3. the new token from registers: its k (roped, rounded to the cache dtype) and v
+        # [1, BLOCK_D] join the softmax of the split whose chunk holds the slot, and one program
+        # per (b, kv head) writes them into the cache (see the module docstring).  Computed
+        # after the loop so they hold no registers during it.
+        holds = (slot >= j_lo) & (slot < j_hi)     # never when slot >= L (j_hi <= L)
+        writes = (holds | ((n == 0) & (s == 0))) & (tile == 0) & (slot >= 0) & (slot < L)
+        if holds | writes:
+            row = d_ok[None, :]                                           # [1, BLOCK_D]
+            k_new = _rope_heads(src, (HKV * GROUP + kvh).to(tl.int64) * DH, row, kn_ptr, d, d_ok,
+                                cos, sin, eps, norm_offset, HAS_KN, DH).to(k_ptr.dtype.element_ty)
+            v_new = tl.load(src + (HKV * GROUP + HKV + kvh).to(tl.int64) * DH + d[None, :],
+                            mask=row, other=0.0).to(v_ptr.dtype.element_ty)
+            if writes:
+                dst = kv_base + slot.to(tl.int64) * DH + d[None, :]
+                tl.store(k_ptr + dst, k_new, mask=row)
+                tl.store(v_ptr + dst, v_new, mask=row)
+            if holds:
+                # q . k_new: exact products summed in fp32, as tl.dot does.
+                sc1 = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1) * scale  # [16]
+                if SOFTCAP:
+                    cap = tl.cast(softcap, tl.float32)
+                    sc1 = cap * _tanh(sc1 / cap)
+                m_new = tl.maximum(m_i, sc1)
+                alpha = tl.exp(m_i - m_new)
+                p1 = tl.exp(sc1 - m_new)
+                l_i = l_i * alpha + p1
+                if not DOT_FP32:       # P is rounded to the cache dtype for P @ V, as above
+                    p1 = p1.to(v_ptr.dtype.element_ty).to(tl.float32)
+                acc = acc * alpha[:, None] + p1[:, None] * v_new.to(tl.float32)
+                m_i = m_new
         hq = (b * HKV + kvh) * GROUP + g           # flat (b, query head) index
         out_mask = g_ok[:, None] & d_ok[None, :]
         out_off = hq.to(tl.int64)[:, None] * DH + d[None, :]
