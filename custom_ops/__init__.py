@@ -19,13 +19,16 @@ from custom_ops import decode_attention as _decode_attention  # registers decode
 from custom_ops import rope_cache as _rope_cache  # registers rope_kv_write
 from custom_ops.decode_attention import AttentionInputError, decode_attention_reference
 from custom_ops.rope_cache import rope_kv_write_reference
+from custom_ops import rope_attention as _rope_attention  # registers rope_decode_attention
+from custom_ops.rope_attention import rope_decode_attention_reference
 
 __all__ = ["FlashHeadTopK", "FlashHeadInputError", "flashhead_topk", "check_inputs",
            "dense_reference", "flashhead_reference",
            "NormLinearOut", "FusedLinearInputError", "rms_norm_linear", "act_linear",
            "rms_norm_linear_reference", "act_linear_reference",
            "AttentionInputError", "decode_attention", "decode_attention_reference",
-           "rope_kv_write", "rope_kv_write_reference"]
+           "rope_kv_write", "rope_kv_write_reference",
+           "rope_decode_attention", "rope_decode_attention_reference"]
 
 
 class FlashHeadTopK(NamedTuple):
@@ -70,7 +73,8 @@ class NormLinearOut(NamedTuple):
 def rms_norm_linear(x: torch.Tensor, residual: Optional[torch.Tensor],
                     branch_norm: Optional[torch.Tensor], norm: torch.Tensor,
                     weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
-                    norm_offset: float) -> NormLinearOut:
+                    norm_offset: float, *,
+                    counters: Optional[torch.Tensor] = None) -> NormLinearOut:
     """Residual add + RMSNorm + linear in one kernel on CUDA (a memory-bound GEMV).
 
     x [B, K]; residual [B, K] or None; branch_norm [K] or None (Gemma: post-norm of the branch x
@@ -79,28 +83,40 @@ def rms_norm_linear(x: torch.Tensor, residual: Optional[torch.Tensor],
       b = x, or ▸(rms(x) * (norm_offset + branch_norm));  r = ▸(b + residual) or b
       out = ▸(▸(rms(r) * (norm_offset + norm)) @ weight^T + bias),  rms(v) = v * rsqrt(mean(v^2)
       + eps);  norm_offset is 0.0 for Llama/Qwen/Mistral, 1.0 for Gemma (scale 1 + w).
+    counters: a zeroed int32 buffer the caller keeps (custom_ops.counters.new_workspace) for the
+    split-K kernels, which leave it zeroed: a compiled step then needs no fill kernel per call
+    (the op flashhead::rms_norm_linear_ws, which declares it mutated); None: an internal one
+    (flashhead::rms_norm_linear).
     Returns NormLinearOut(out [B, N], residual [B, K] = r), a tuple.
     Raises FusedLinearInputError on bad shapes, dtypes, devices or layouts.
     """
-    out, residual_out = torch.ops.flashhead.rms_norm_linear(x, residual, branch_norm, norm,
-                                                            weight, bias, eps, norm_offset)
+    args = (x, residual, branch_norm, norm, weight, bias, eps, norm_offset)
+    if counters is None:
+        out, residual_out = torch.ops.flashhead.rms_norm_linear(*args)
+    else:
+        out, residual_out = torch.ops.flashhead.rms_norm_linear_ws(*args, counters)
     return NormLinearOut(out, residual_out)
 
 
-def act_linear(x: torch.Tensor, weight: torch.Tensor, act: str = "none") -> torch.Tensor:
+def act_linear(x: torch.Tensor, weight: torch.Tensor, act: str = "none", *,
+               counters: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Activation-mul + linear in one kernel on CUDA (a memory-bound GEMV).
 
     act "none": x [B, K], out = ▸(x @ weight^T).  act "silu_mul" / "gelu_tanh_mul": x [B, 2K] =
     [gate | up] (gate first), out = ▸(▸(act(gate) * up) @ weight^T), gelu with the tanh
-    approximation.  weight [N, K] in x's dtype (bf16/fp16/fp32); fp32 math.  Returns out [B, N].
+    approximation.  weight [N, K] in x's dtype (bf16/fp16/fp32); fp32 math.  counters as for
+    rms_norm_linear.  Returns out [B, N].
     Raises FusedLinearInputError on an unknown act or bad shapes, dtypes, devices or layouts.
     """
-    return torch.ops.flashhead.act_linear(x, weight, act)
+    if counters is None:
+        return torch.ops.flashhead.act_linear(x, weight, act)
+    return torch.ops.flashhead.act_linear_ws(x, weight, act, counters)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      starts: torch.Tensor, fill: torch.Tensor, scale: float, window: int = 0,
-                     softcap: float = 0.0) -> torch.Tensor:
+                     softcap: float = 0.0, *,
+                     counters: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of one new token per row over a static KV cache read in place (decode step).
 
     q [B, Hq, 1, Dh]; k_cache, v_cache [B, Hkv, L, Dh] contiguous, q's dtype (bf16/fp16/fp32),
@@ -111,10 +127,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     softcap * tanh(scores / softcap) if softcap > 0; softmax in fp32.
     Returns out [B, Hq, 1, Dh] in q's dtype; a row with no valid slot gets exactly 0.
     CUDA: one split-K Triton launch that reads only the valid slots, no host sync (CUDA-graph
-    safe while fill grows).  Raises AttentionInputError on bad shapes, dtypes or devices.
+    safe while fill grows); counters as for rms_norm_linear.
+    Raises AttentionInputError on bad shapes, dtypes or devices.
     """
-    return torch.ops.flashhead.decode_attention(q, k_cache, v_cache, starts, fill, scale,
-                                                window, softcap)
+    if counters is None:
+        return torch.ops.flashhead.decode_attention(q, k_cache, v_cache, starts, fill, scale,
+                                                    window, softcap)
+    return torch.ops.flashhead.decode_attention_ws(q, k_cache, v_cache, starts, fill, scale,
+                                                   window, softcap, counters)
 
 
 def rope_kv_write(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -138,3 +158,28 @@ def rope_kv_write(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return torch.ops.flashhead.rope_kv_write(qkv, k_cache, v_cache, starts, fill, inv_freq,
                                              attn_scaling, num_q_heads, q_norm, k_norm, eps,
                                              norm_offset)
+
+
+def rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          starts: torch.Tensor, fill: torch.Tensor, inv_freq: torch.Tensor,
+                          attn_scaling: float, num_q_heads: int,
+                          q_norm: Optional[torch.Tensor] = None,
+                          k_norm: Optional[torch.Tensor] = None, eps: float = 1e-6,
+                          norm_offset: float = 0.0, *, scale: float, window: int = 0,
+                          softcap: float = 0.0,
+                          counters: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """rope_kv_write then decode_attention of its q, in one kernel on CUDA (a decode step's
+    attention: one launch per layer instead of two).
+
+    Arguments as for rope_kv_write (qkv [B, (Hq + 2 * Hkv) * Dh], the caches [B, Hkv, L, Dh],
+    mutated at slot fill - 1, starts, fill, inv_freq, attn_scaling, num_q_heads, q_norm, k_norm,
+    eps, norm_offset) and decode_attention (scale, window, softcap, counters).  Same results as
+    the two ops in turn, with the same roundings (q in qkv's dtype, k in the cache's).
+    Returns out [B, Hq, 1, Dh] in qkv's dtype; a row with no valid slot gets exactly 0.
+    CUDA: one split-K Triton launch, no host sync (CUDA-graph safe while fill grows).
+    Raises AttentionInputError on bad shapes, dtypes or devices.
+    """
+    return torch.ops.flashhead.rope_decode_attention(qkv, k_cache, v_cache, starts, fill,
+                                                     inv_freq, attn_scaling, num_q_heads, q_norm,
+                                                     k_norm, eps, norm_offset, scale, window,
+                                                     softcap, counters)

@@ -11,7 +11,7 @@ between calls, so a compiled graph runs one fill kernel beside each such op.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
@@ -43,3 +43,35 @@ def zeroed_counters(n: Union[int, torch.SymInt], device: torch.device,
             _OUTGROWN.append(buf)
         POOL[device] = fresh
     return fresh
+
+
+# Counters a decode step holds as state (`new_workspace`): enough for every last-program kernel
+# of one step (decode attention: B * Hkv * ceil(group / 16) counters; a split-K GEMV: one per
+# block of output features, and only grids under ~4 programs per SM are split).
+WORKSPACE_SIZE = 8192
+
+
+def new_workspace(device: Union[str, torch.device], numel: int = WORKSPACE_SIZE) -> torch.Tensor:
+    """A zeroed int32 counter buffer for the ops' `counters` argument (held as state by the
+    caller, e.g. a decode step's buffer, so a compiled graph needs no fill kernel per op)."""
+    return torch.zeros((numel,), dtype=torch.int32, device=device)
+
+
+def workspace(counters: Optional[torch.Tensor], n: Union[int, torch.SymInt],
+              device: torch.device, traced: bool) -> torch.Tensor:
+    """The counters a last-program kernel uses: the caller's `counters` (a zeroed int32 buffer
+    on `device` with at least n elements; the kernels leave it zeroed), else `zeroed_counters`.
+
+    Ops that take `counters` declare it mutated: torch.compile and torch.export then keep it as
+    the caller's state and write into it in place, where a buffer made inside the op costs one
+    fill kernel per call."""
+    if counters is None:
+        return zeroed_counters(n, device, traced)
+    if counters.dtype != torch.int32 or counters.dim() != 1 or counters.device != device:
+        raise ValueError(f"counters must be a 1-D int32 tensor on {device} (make one with "
+                         f"custom_ops.counters.new_workspace), got {tuple(counters.shape)} "
+                         f"{counters.dtype} on {counters.device}")
+    if isinstance(n, int) and counters.numel() < n:
+        raise ValueError(f"counters holds {counters.numel()} elements, this call needs {n}: "
+                         f"make a larger one with custom_ops.counters.new_workspace(device, {n})")
+    return counters

@@ -14,6 +14,8 @@ traces with fake tensors, exports as one node, and is CUDA-graph safe (no host s
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch.library import triton_op
 
@@ -98,6 +100,23 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     See custom_ops.decode_attention (the front) for the contract.  CPU: the PyTorch reference.
     CUDA: the split-K Triton kernel.
     """
+    return _decode_attention(q, k_cache, v_cache, starts, fill, scale, window, softcap, None)
+
+
+@triton_op("flashhead::decode_attention_ws", mutates_args=("counters",))
+def decode_attention_ws(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        starts: torch.Tensor, fill: torch.Tensor, scale: float, window: int,
+                        softcap: float, counters: torch.Tensor) -> torch.Tensor:
+    """decode_attention with the caller's counters (custom_ops.counters.workspace): the kernel
+    counts in them and leaves them zeroed.  Declared mutated, so a compiled graph keeps them as
+    the caller's state and runs no fill kernel for them (a separate op: see
+    custom_ops.fused_linear.rms_norm_linear_ws_op)."""
+    return _decode_attention(q, k_cache, v_cache, starts, fill, scale, window, softcap, counters)
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      starts: torch.Tensor, fill: torch.Tensor, scale: float, window: int,
+                      softcap: float, counters: Optional[torch.Tensor]) -> torch.Tensor:
     check_inputs(q, k_cache, v_cache, starts, fill, scale, window, softcap)
     if q.device.type != "cuda":
         if not is_traced(fill):   # eager on CPU: read only the slots up to the fill
@@ -107,7 +126,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                           softcap)
     from custom_ops.decode_attention_triton import triton_decode_attention
 
-    return triton_decode_attention(q, k_cache, v_cache, starts, fill, scale, window, softcap)
+    return triton_decode_attention(q, k_cache, v_cache, starts, fill, scale, window, softcap,
+                                   counters=counters)
 
 
 def valid_slots(starts: torch.Tensor, fill: torch.Tensor, L: int, window: int = 0

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from custom_ops.counters import is_traced, zeroed_counters
+from custom_ops.counters import is_traced, workspace
 
 _HEADS = 16            # query heads per program: tl.dot's smallest M tile
 
@@ -190,12 +190,16 @@ def decode_blocks(B: int, Hkv: int, group: int, L: int, Dh: int, dtype: torch.dt
     combine (A * GROUP * Dh * 4 bytes from L2) stays about as short as one split's reads.
     Blocks: 64 slots at Dh 128, 32 at other sizes, 16 for fp32 (IEEE fp32 dots); sm_90 builds
     of triton 3.9 at 4 warps: 168 registers at Dh 128 bf16, 197 at Dh 256, 96 at Dh 64 (64-slot
-    blocks there: 255 and spills), no spills.
+    blocks there: 255 and spills), no spills.  At Dh 128 with fewer than SMs / 4 (row, kv head)
+    programs, 32-slot blocks (and so 128-slot chunks): on an H200 (`attention_latency --sweep`,
+    R1-1.5B, B = 1, fill 8,192) 23.9 us against 26.1 us with 64-slot blocks; at B = 16 the
+    64-slot blocks stay (58.8 vs 59.2 us).
     """
     block_d = max(16, triton.next_power_of_2(Dh))
-    block_n = 16 if dtype == torch.float32 else 64 if block_d == 128 else 32
-    min_chunk = 4 * block_n
     programs = B * Hkv * triton.cdiv(group, _HEADS)
+    block_n = (16 if dtype == torch.float32 else 32 if block_d != 128
+               or 4 * programs < _num_sms(device) else 64)
+    min_chunk = 4 * block_n
     splits = max(1, min(triton.cdiv(2 * _num_sms(device), programs), triton.cdiv(L, min_chunk),
                         max_splits(block_d)))
     return DecodeBlocks(splits, block_n, block_d, min_chunk, 4, 2)
@@ -221,13 +225,15 @@ def max_splits(block_d: int) -> int:
 def triton_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             starts: torch.Tensor, fill: torch.Tensor, scale: float,
                             window: int = 0, softcap: float = 0.0, *,
-                            blocks: Optional[DecodeBlocks] = None) -> torch.Tensor:
+                            blocks: Optional[DecodeBlocks] = None,
+                            counters: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Decode attention with the Triton kernel: out [B, Hq, 1, Dh] in q.dtype.
 
     Same contract as custom_ops.decode_attention.decode_attention_reference (inputs checked by
     custom_ops.decode_attention.check_inputs): q [B, Hq, 1, Dh]; k_cache, v_cache [B, Hkv, L,
     Dh] contiguous, read in place; starts [B] int64; fill one int64.  No host sync: the grid
-    depends on shapes only.  blocks overrides `decode_blocks` (tests, benchmarks).
+    depends on shapes only.  blocks overrides `decode_blocks` (tests, benchmarks); counters: a
+    caller-held zeroed int32 buffer (custom_ops.counters.workspace), else the pool.
     """
     B, Hq, _, Dh = q.shape
     Hkv, L = k_cache.shape[1], k_cache.shape[2]
@@ -245,7 +251,7 @@ def triton_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     part_m = _empty((NP, _HEADS, S), torch.float32, dev)
     part_l = _empty((NP, _HEADS, S), torch.float32, dev)
     part_acc = _empty((NP, _HEADS, S, Dh), torch.float32, dev)
-    count = zeroed_counters(NP, dev, is_traced(q))                              # count: [>= NP] int32
+    count = workspace(counters, NP, dev, is_traced(q))                  # count: [>= NP] int32
     _launch(_decode_attention_kernel, (NP, S))(
         q, k_cache, v_cache, starts, fill.reshape(1), out, part_m, part_l, part_acc, count,
         float(scale), float(softcap), int(window), blk.min_chunk, L, Hkv, group, ng, DH=Dh, S=S,

@@ -101,13 +101,37 @@ def rms_norm_linear_op(x: torch.Tensor, residual: Optional[torch.Tensor],
     dtype with fp32 accumulation: the reference's per-call fp32 copy of every weight made eager
     CPU decoding of a bf16 model 4x slower); CUDA: the plan of custom_ops/fused_linear_config.py
     (Triton kernel or composite)."""
+    return _rms_norm_linear(x, residual, branch_norm, norm, weight, bias, eps, norm_offset, None)
+
+
+@triton_op("flashhead::rms_norm_linear_ws", mutates_args=("counters",))
+def rms_norm_linear_ws_op(x: torch.Tensor, residual: Optional[torch.Tensor],
+                          branch_norm: Optional[torch.Tensor], norm: torch.Tensor,
+                          weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
+                          norm_offset: float, counters: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """rms_norm_linear_op with the caller's counters (custom_ops.counters.workspace): split-K
+    plans count in them and leave them zeroed.  Declared mutated, so a compiled graph keeps
+    them as the caller's state and runs no fill kernel for them.  (A separate op: a mutable
+    argument would put the plain op under auto_functionalized, which the ONNX exporter cannot
+    translate.)"""
+    return _rms_norm_linear(x, residual, branch_norm, norm, weight, bias, eps, norm_offset,
+                            counters)
+
+
+def _rms_norm_linear(x: torch.Tensor, residual: Optional[torch.Tensor],
+                     branch_norm: Optional[torch.Tensor], norm: torch.Tensor,
+                     weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
+                     norm_offset: float, counters: Optional[torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     check_rms_norm_linear_inputs(x, residual, branch_norm, norm, weight, bias, eps, norm_offset)
     if x.device.type != "cuda":
         cpu = rms_norm_linear_reference if x.dtype == torch.float32 else rms_norm_linear_composite
         return cpu(x, residual, branch_norm, norm, weight, bias, eps, norm_offset)
     from custom_ops.fused_linear_triton import rms_norm_linear_triton
 
-    return rms_norm_linear_triton(x, residual, branch_norm, norm, weight, bias, eps, norm_offset)
+    return rms_norm_linear_triton(x, residual, branch_norm, norm, weight, bias, eps, norm_offset,
+                                  counters=counters)
 
 
 @triton_op("flashhead::act_linear", mutates_args=())
@@ -115,13 +139,25 @@ def act_linear_op(x: torch.Tensor, weight: torch.Tensor, act: str) -> torch.Tens
     """out [B, N]; see custom_ops.act_linear.  CPU: the reference (fp32), or the composite for
     16-bit weights (see rms_norm_linear_op); CUDA: the plan of custom_ops/fused_linear_config.py
     (Triton kernel or composite)."""
+    return _act_linear(x, weight, act, None)
+
+
+@triton_op("flashhead::act_linear_ws", mutates_args=("counters",))
+def act_linear_ws_op(x: torch.Tensor, weight: torch.Tensor, act: str,
+                     counters: torch.Tensor) -> torch.Tensor:
+    """act_linear_op with the caller's counters (see rms_norm_linear_ws_op)."""
+    return _act_linear(x, weight, act, counters)
+
+
+def _act_linear(x: torch.Tensor, weight: torch.Tensor, act: str,
+                counters: Optional[torch.Tensor]) -> torch.Tensor:
     check_act_linear_inputs(x, weight, act)
     if x.device.type != "cuda":
         cpu = act_linear_reference if x.dtype == torch.float32 else act_linear_composite
         return cpu(x, weight, act)
     from custom_ops.fused_linear_triton import act_linear_triton
 
-    return act_linear_triton(x, weight, act)
+    return act_linear_triton(x, weight, act, counters=counters)
 
 
 def _round(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -33,7 +33,31 @@ _SMS = 132          # programs per wave on an H100/H200
 # many, the same bytes).  Buckets: "b1" (B = 1), "b4" (B <= 4), "b16" (B <= 16), "b32" (B <= 32),
 # "b64" (B > 32; B > 64 loops over 64-row blocks): a bucket's entry is measured at its largest B
 # (the sweep's batches).  Paste the dict that `python -m benchmarks.gemv_sweep` prints.
-GEMV_CONFIGS: dict[tuple[str, int, int, str], Union[tuple[int, ...], str]] = {}
+# Entries below: the winners of `gemv_sweep --quick --batch 1 16` on an NVIDIA H200 (torch 2.11,
+# triton 3.6, 2026-11-30; the run stopped at its time limit after Gemma's gate/up at B = 1, so
+# Gemma's down projection and its B = 16 gate/up keep `default_config`).  us, best vs cuBLAS:
+#   R1-1.5B  qkv 5.4 vs 5.5 | o 4.1 vs 6.5 | gate/up 18.2 vs 17.2 | down 11.9 vs 12.0 (B = 1);
+#            B = 16: composite 7.4 / 5.2 / 19.7 / 14.0 vs cuBLAS 5.5 / 5.2 / 17.7 / 12.3
+#   Gemma    qkv 4.4 vs 4.1 | o 2.3 vs 4.4 | gate/up 5.5 vs 4.4 (B = 1)
+GEMV_CONFIGS: dict[tuple[str, int, int, str], Union[tuple[int, ...], str]] = {
+    # DeepSeek-R1-Distill-Qwen-1.5B / Qwen2.5-1.5B: D 1536, 12 + 2 + 2 heads of 128, I 8960
+    ("rms_norm", 2048, 1536, "b1"): (1, 8, 512, 4, 1, 1),
+    ("rms_norm", 2048, 1536, "b16"): COMPOSITE,
+    ("none", 1536, 1536, "b1"): (1, 8, 512, 4, 1, 1),
+    ("none", 1536, 1536, "b16"): COMPOSITE,
+    ("rms_norm", 17920, 1536, "b1"): (1, 8, 512, 4, 1, 1),
+    ("rms_norm", 17920, 1536, "b16"): COMPOSITE,
+    ("silu_mul", 1536, 8960, "b1"): (1, 8, 512, 4, 1, 3),
+    ("silu_mul", 1536, 8960, "b16"): COMPOSITE,
+    ("none", 151936, 1536, "b1"): (1, 8, 512, 4, 1, 1),
+    ("none", 151936, 1536, "b16"): (16, 64, 128, 4, 3, 1),
+    # Gemma-3-270M: D 640, 4 + 1 + 1 heads of 256, I 2048
+    ("rms_norm", 1536, 640, "b1"): (1, 8, 512, 4, 1, 1),
+    ("rms_norm", 1536, 640, "b16"): COMPOSITE,
+    ("none", 640, 1024, "b1"): (1, 2, 1024, 4, 1, 1),
+    ("none", 640, 1024, "b16"): (16, 8, 128, 4, 4, 1),
+    ("rms_norm", 4096, 640, "b1"): (1, 8, 512, 4, 1, 1),
+}
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ import triton.language as tl
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from triton.runtime.jit import JITFunction
 
-from custom_ops import counters
+from custom_ops import counters as counters_mod
 from custom_ops.fused_linear import act_linear_composite, rms_norm_linear_composite
 # Re-exported: callers and tests use them from here.
 from custom_ops.fused_linear_config import (COMPOSITE, GEMV_CONFIGS, GemvConfig,  # noqa: F401
@@ -257,14 +257,17 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, prologue: int, *,
                residual: Optional[torch.Tensor] = None,
                branch_norm: Optional[torch.Tensor] = None, norm: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, eps: float = 0.0, norm_offset: float = 0.0,
-               config: Union[GemvConfig, str, None] = None
+               config: Union[GemvConfig, str, None] = None,
+               counters: Optional[torch.Tensor] = None
                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Run one plan: (out [B, N], residual_out [B, K] for RMS_NORM else None).
 
     Inputs already checked (custom_ops.fused_linear): weight [N, K] contiguous; x [B, K]
     ([B, 2K] for the act-mul prologues) contiguous, weight's dtype.  config: a GemvConfig
     (launched as given: fit it with `fit_config`), COMPOSITE, or None to pick the plan of
-    custom_ops/fused_linear_config.py from the shapes and dtype.  No host sync.
+    custom_ops/fused_linear_config.py from the shapes and dtype.  counters: a caller-held
+    zeroed int32 buffer for split-K plans (custom_ops.counters.workspace), else the pool.  No
+    host sync.
     """
     N, K = weight.shape
     B = x.shape[0]
@@ -283,7 +286,8 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, prologue: int, *,
         return out, rout
     nb, S = triton.cdiv(N, plan.block_n), plan.splits
     ws = _empty((S, B, N), torch.float32, dev) if S > 1 else out        # ws: [S, B, N] fp32
-    count = counters.zeroed_counters(nb, dev, counters.is_traced(x)) if S > 1 else out            # count: [>= nb] int32
+    count = (counters_mod.workspace(counters, nb, dev, counters_mod.is_traced(x)) if S > 1
+             else out)                                                  # count: [>= nb] int32
     # Absent tensors: the kernel never touches their pointers; read-only stand-ins are x and
     # the written one is out (a tensor both read and written would look aliased to Inductor).
     # EVEN_K only where K is known to divide (a symbolic K takes the masked loads).
@@ -302,17 +306,19 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, prologue: int, *,
 def rms_norm_linear_triton(x: torch.Tensor, residual: Optional[torch.Tensor],
                            branch_norm: Optional[torch.Tensor], norm: torch.Tensor,
                            weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
-                           norm_offset: float, config: Union[GemvConfig, str, None] = None
+                           norm_offset: float, config: Union[GemvConfig, str, None] = None,
+                           counters: Optional[torch.Tensor] = None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """custom_ops.fused_linear.rms_norm_linear_reference's contract on CUDA (any plan)."""
     out, rout = fused_gemv(x, weight, RMS_NORM, residual=residual, branch_norm=branch_norm,
                            norm=norm, bias=bias, eps=eps, norm_offset=norm_offset,
-                           config=config)
+                           config=config, counters=counters)
     assert rout is not None
     return out, rout
 
 
 def act_linear_triton(x: torch.Tensor, weight: torch.Tensor, act: str,
-                      config: Union[GemvConfig, str, None] = None) -> torch.Tensor:
+                      config: Union[GemvConfig, str, None] = None,
+                      counters: Optional[torch.Tensor] = None) -> torch.Tensor:
     """custom_ops.fused_linear.act_linear_reference's contract on CUDA (any plan)."""
-    return fused_gemv(x, weight, ACT_PROLOGUES[act], config=config)[0]
+    return fused_gemv(x, weight, ACT_PROLOGUES[act], config=config, counters=counters)[0]

@@ -1,7 +1,8 @@
 """Exportable views of a DecodeStep (fh_compile.decode): its state becomes explicit inputs.
 
 A DecodeStep keeps its state (fast forward: `kv{i}_k`, `kv{i}_v` [B, H_kv, L, Dh], `fill` [1]
-int64, `starts` [B] int64; transformers' forward: the StaticCache tensors `kv{i}_k`, `kv{i}_v`,
+int64, `starts` [B] int64, `counters` [n] int32 (the kernels' scratch, always zero between
+calls); transformers' forward: the StaticCache tensors `kv{i}_k`, `kv{i}_v`,
 `kv{i}_len` [] int64, `attn_mask` [B, L] int64, `positions` [B] int64) in buffers mutated in
 place.  Exported as is, each program would own a private copy of that state, so a prefill program
 could never hand its cache to a decode program.  The modules here take the state as a dict input

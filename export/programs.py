@@ -51,10 +51,11 @@ def flashhead_node_count(program: ExportedProgram | torch.fx.GraphModule) -> int
 
 def check_fast_step_nodes(program: ExportedProgram, step: DecodeStep, name: str) -> None:
     """A decode program of the fast forward holds ONE node per custom op call: per layer one
-    decode_attention and one rope_kv_write, two rms_norm_linear and two act_linear."""
+    decode_attention and one rope_kv_write, two rms_norm_linear and two act_linear (the `_ws`
+    ops: they take the step's counters state)."""
     n = step.num_layers
-    want = {"flashhead::decode_attention": n, "flashhead::rope_kv_write": n,
-            "flashhead::rms_norm_linear": 2 * n, "flashhead::act_linear": 2 * n}
+    want = {"flashhead::decode_attention_ws": n, "flashhead::rope_kv_write": n,
+            "flashhead::rms_norm_linear_ws": 2 * n, "flashhead::act_linear_ws": 2 * n}
     got = custom_op_counts(program)
     wrong = {op: got.get(op, 0) for op, k in want.items() if got.get(op, 0) != k}
     if wrong:

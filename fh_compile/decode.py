@@ -46,6 +46,7 @@ from torch import nn
 from transformers import StaticCache
 
 from custom_ops import FlashHeadTopK
+from custom_ops import counters as custom_counters
 from custom_ops.counters import is_traced
 from fh_compile import hf_attention
 from fh_compile.arch import UnsupportedArchitecture
@@ -188,6 +189,12 @@ class DecodeStep(nn.Module):
                              persistent=False)                                      # [1]
         self.register_buffer("starts", torch.zeros(B, dtype=torch.int64, device=device),
                              persistent=False)                                      # [B]
+        # counters: [n] int32, the split-K kernels' scratch (custom_ops.counters), zero, and
+        # every kernel leaves it zero.  Held as state, the compiled step needs no fill kernel
+        # for it (one per attention and split-K linear call otherwise).
+        n = max(custom_counters.WORKSPACE_SIZE, B * heads * 16)
+        self.register_buffer("counters", custom_counters.new_workspace(device, n),
+                             persistent=False)                                      # [n]
         for name, buf in self.named_buffers(recurse=False):
             torch._dynamo.mark_static_address(buf)
 
@@ -319,7 +326,7 @@ class DecodeStep(nn.Module):
             self.fill.add_(1)
             kv_k, kv_v = self.caches()
             return self.fast.decode(self.fast.embed(input_ids[:, 0]), kv_k, kv_v, self.starts,
-                                    self.fill)
+                                    self.fill, self.counters)
         slot = self.filled().view(1)                                     # [1]
         self.attn_mask.index_fill_(1, slot, 1)
         h = self._hf_body(input_ids, self.positions.unsqueeze(1))[:, -1].contiguous()  # [B, D]

@@ -22,6 +22,8 @@ serves as the reference that the op path is tested against, and as the path for 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -174,10 +176,13 @@ class FastDecoder(nn.Module):
 
     # -- decode: the custom ops ---------------------------------------------------------------------
     def decode(self, x: torch.Tensor, kv_k: list[torch.Tensor], kv_v: list[torch.Tensor],
-               starts: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+               starts: torch.Tensor, fill: torch.Tensor,
+               counters: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One new token per row.  x [B, D] (embedded); kv_k/kv_v per layer [B, Hkv, L, Dh];
         starts [B] int64 (first real slot of each row); fill [1] int64 (slots written, the new
-        token's included: it goes to slot fill - 1).  Returns the final hidden state [B, D]."""
+        token's included: it goes to slot fill - 1); counters: the split-K kernels' zeroed
+        int32 scratch, held by the caller (custom_ops.counters.new_workspace), or None.
+        Returns the final hidden state [B, D]."""
         if self.kernels == "torch":
             positions = (fill - 1 - starts)[:, None]                             # [B, 1]
             return self.forward_torch(x[:, None], kv_k, kv_v, fill - 1, positions, starts)[:, 0]
@@ -185,16 +190,18 @@ class FastDecoder(nn.Module):
         branch, residual, post = x, None, None
         for i, L in enumerate(self.layers):
             qkv, residual = custom_ops.rms_norm_linear(branch, residual, post, L.in_norm, L.wqkv,
-                                                       L.bqkv, s.eps, s.norm_offset)
+                                                       L.bqkv, s.eps, s.norm_offset,
+                                                       counters=counters)
             q = custom_ops.rope_kv_write(qkv, kv_k[i], kv_v[i], starts, fill, L.inv_freq,
                                          L.rope_scaling, s.heads, L.q_norm, L.k_norm, s.eps,
                                          s.norm_offset)
             a = custom_ops.decode_attention(q, kv_k[i], kv_v[i], starts, fill, L.scale, L.window,
-                                            L.softcap)                  # [B, Hq, 1, Dh]
-            o = custom_ops.act_linear(a.reshape(B, -1), L.wo, "none")
+                                            L.softcap, counters=counters)  # [B, Hq, 1, Dh]
+            o = custom_ops.act_linear(a.reshape(B, -1), L.wo, "none", counters=counters)
             gu, residual = custom_ops.rms_norm_linear(o, residual, L.post_attn_norm, L.mlp_norm,
-                                                      L.w13, None, s.eps, s.norm_offset)
-            branch = custom_ops.act_linear(gu, L.w2, s.act)
+                                                      L.w13, None, s.eps, s.norm_offset,
+                                                      counters=counters)
+            branch = custom_ops.act_linear(gu, L.w2, s.act, counters=counters)
             post = L.post_mlp_norm
         return self._final(branch, residual, post)
 

@@ -33,6 +33,7 @@ def test_cuda_export_and_aoti_reproduce_eager_tokens(tiny_hf_untied, tmp_path, d
 
 
 @pytest.mark.cuda
+@pytest.mark.timeout(480)   # the AOTI compile of 28 layers: ~3 min alone, more beside other tests
 def test_cuda_aoti_of_the_1p5b_architecture_reproduces_eager_tokens(tmp_path):
     """The full DeepSeek-R1-Distill-Qwen-1.5B architecture (28 layers, V=151,936; random bf16
     weights): the AOTInductor package of the decode step, loaded back, gives the eager step's
