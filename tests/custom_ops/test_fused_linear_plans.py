@@ -102,8 +102,20 @@ def test_table_entries_win(monkeypatch) -> None:
         1, 4, 2048, 8, 3)
 
 
+def test_measured_table_entries_are_valid_plans() -> None:
+    for (kind, N, K, bucket), entry in cfgm.GEMV_CONFIGS.items():
+        assert kind in cfgm.KINDS and bucket in ("b1", "b4", "b16", "b32", "b64")
+        plan = cfgm.plan_of_entry(entry)
+        if plan != COMPOSITE:
+            assert (plan.block_b == 1) == (bucket == "b1"), (kind, N, K, bucket, entry)
+            for dt in (torch.bfloat16, torch.float32):
+                fitted = cfgm.fit_config(plan, K, dt)
+                assert 1 <= fitted.splits <= triton.cdiv(K, fitted.block_k)
+
+
 @pytest.mark.parametrize("B", [1, 2, 3, 4, 7, 16, 40, 64, 200])
-def test_default_plans(B) -> None:
+def test_default_plans(B, monkeypatch) -> None:
+    monkeypatch.setattr(cfgm, "GEMV_CONFIGS", {})      # the defaults, not the measured table
     for kind, N, K in DECODE:
         for dt in (torch.bfloat16, torch.float32):
             plan = pick_config(kind, N, K, B, dt)
