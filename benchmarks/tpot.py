@@ -40,8 +40,10 @@ from benchmarks.random_models import ARCHS, random_model
 from benchmarks.head_latency import copy_bandwidth_gbps
 from benchmarks.step_cost import profile_step, step_bytes
 
+# fastu: the fast forward with rotary + cache write as their own op (the fused op's A/B baseline)
 FORWARDS = {"hf": dict(forward="hf", attention="hf"), "hfa": dict(forward="hf"),
-            "fast": dict(forward="fast")}
+            "fast": dict(forward="fast"),
+            "fastu": dict(forward="fast", decode_kernels="ops-unfused")}
 HEADS = ("body", "dense", "fh")
 VARIANTS = tuple(f"{f}-{h}" for f in FORWARDS for h in HEADS)
 BASELINE = "hf-dense"

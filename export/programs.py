@@ -51,11 +51,13 @@ def flashhead_node_count(program: ExportedProgram | torch.fx.GraphModule) -> int
 
 def check_fast_step_nodes(program: ExportedProgram, step: DecodeStep, name: str) -> None:
     """A decode program of the fast forward holds ONE node per custom op call: per layer one
-    decode_attention and one rope_kv_write, two rms_norm_linear and two act_linear (the `_ws`
-    ops: they take the step's counters state)."""
+    rope_decode_attention (kernels="ops"; "ops-unfused": one rope_kv_write and one
+    decode_attention), two rms_norm_linear and two act_linear (the `_ws` ops: they take the
+    step's counters state)."""
     n = step.num_layers
-    want = {"flashhead::decode_attention_ws": n, "flashhead::rope_kv_write": n,
-            "flashhead::rms_norm_linear_ws": 2 * n, "flashhead::act_linear_ws": 2 * n}
+    attention = ({"flashhead::rope_decode_attention": n} if step.fast.kernels == "ops" else
+                 {"flashhead::decode_attention_ws": n, "flashhead::rope_kv_write": n})
+    want = {**attention, "flashhead::rms_norm_linear_ws": 2 * n, "flashhead::act_linear_ws": 2 * n}
     got = custom_op_counts(program)
     wrong = {op: got.get(op, 0) for op, k in want.items() if got.get(op, 0) != k}
     if wrong:
@@ -164,7 +166,7 @@ def save_and_verify(step: DecodeStep, out: Path, prompt: Prompt, steps: int, ver
         t0 = time.perf_counter()
         ep = make()
         nodes = check_one_flashhead_node(ep, name)
-        if name == "decode" and step.fast is not None and step.fast.kernels == "ops":
+        if name == "decode" and step.fast is not None and step.fast.kernels != "torch":
             check_fast_step_nodes(ep, step, name)
         paths[name] = out / f"{name}.pt2"
         torch.export.save(ep, paths[name])

@@ -27,6 +27,7 @@ from torch import nn
 from fh_compile.assets import HEADER_FILE, AssetError, FlashHeadAssets, weight_fingerprint
 from fh_compile.build_assets import build_assets
 from fh_compile.decode import DecodeStep, check_forward_attention, head_next_tokens
+from fh_compile.fast_decoder import KERNELS as DECODE_KERNELS
 from fh_compile.head import KERNELS, FlashHeadLMHead, _output_embeddings, restore_dense_head, swap_head
 from fh_compile.sampling import SamplingConfig
 
@@ -56,6 +57,7 @@ class CompileOptions:
     fuse: bool = False
     forward: str = "auto"
     attention: str = "auto"
+    decode_kernels: str = "ops"       # the fast forward's: see fh_compile.fast_decoder.KERNELS
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -70,6 +72,9 @@ class CompileOptions:
         if self.cluster_size < 1:
             raise ValueError(f"cluster_size must be >= 1, got {self.cluster_size}")
         check_forward_attention(self.forward, self.attention)
+        if self.decode_kernels not in DECODE_KERNELS:
+            raise ValueError(f"decode_kernels must be one of {DECODE_KERNELS}, got "
+                             f"{self.decode_kernels!r}")
 
 
 @dataclass(frozen=True)
@@ -228,7 +233,8 @@ def compile_model(model: nn.Module, assets: FlashHeadAssets | None = None, *, pr
                   forward: str = "auto", attention: str = "auto",
                   cache_dir: str | os.PathLike | None = None,
                   build_kwargs: dict[str, Any] | None = None,
-                  always_ids: Sequence[int] | None = None) -> nn.Module:
+                  always_ids: Sequence[int] | None = None,
+                  decode_kernels: str = "ops") -> nn.Module:
     """Install FlashHead on THIS model and compile its static-cache decode step; returns model.
 
     assets: FlashHead assets for this model's head; None builds them once and caches them under
@@ -252,6 +258,9 @@ def compile_model(model: nn.Module, assets: FlashHeadAssets | None = None, *, pr
     "fast" (raise if not served) or "hf".  attention: "auto" (flashhead::decode_attention) or
     "hf" (transformers' own attention, which needs transformers' forward: for A/B runs).
     `model.fh_compiled.info` says which forward and attention run, and why.
+    decode_kernels: the fast forward's ops: "ops" (rotary fused into the attention kernel, five
+    launches a layer), "ops-unfused" (rotary + cache write as its own op: the A/B baseline) or
+    "torch" (plain PyTorch, what the ONNX export uses).
 
     Raises AssetError for assets of another model, ValueError for probes out of range, a model
     without an LM head, or bad options.  The model is put in eval mode.
@@ -260,6 +269,7 @@ def compile_model(model: nn.Module, assets: FlashHeadAssets | None = None, *, pr
                           max_batch_size=max_batch_size,
                           dense_above_rows=dense_above_rows, cluster_size=cluster_size,
                           fuse=fuse, forward=forward, attention=attention,
+                          decode_kernels=decode_kernels,
                           max_cache_len=max_cache_len or default_cache_len(model))
     if isinstance(_output_embeddings(model), FlashHeadLMHead):
         restore_dense_head(model)  # re-install with these options
@@ -283,7 +293,7 @@ def compile_model(model: nn.Module, assets: FlashHeadAssets | None = None, *, pr
                   kernel=kernel, always_ids=always_ids)
         fingerprint = assets.fingerprint
     step = DecodeStep(model, max_batch_size=max_batch_size, max_cache_len=opts.max_cache_len,
-                      k=k, forward=forward, attention=attention)
+                      k=k, forward=forward, attention=attention, kernels=decode_kernels)
     info = CompileInfo(head="flashhead" if flashhead else "dense", path=step.path, mode=mode,
                        options=opts, forward=step.info.forward, attention=step.info.attention,
                        fallback=step.info.reason, fingerprint=fingerprint,

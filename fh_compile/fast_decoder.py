@@ -4,11 +4,14 @@
     h = fast.decode(x, kv_k, kv_v, starts, fill)         # one token per row: [B, D] -> [B, D]
     h = fast.forward_torch(x, kv_k, kv_v, ...)           # plain PyTorch, any T (prefill, reference)
 
-Per layer the decode step is six custom ops (custom_ops/): rms_norm_linear (residual add + RMSNorm
-+ fused QKV projection), rope_kv_write (q/k norm + rotary + the cache write), decode_attention
-(reads only the filled slots), act_linear (output projection), rms_norm_linear (residual add +
-RMSNorm + fused gate/up projection), act_linear (activation-mul + down projection).  The residual
-add of each sub-block runs in the prologue of the next op, so no kernel exists for it alone.
+Per layer the decode step (kernels="ops") is five custom ops (custom_ops/): rms_norm_linear
+(residual add + RMSNorm + fused QKV projection), rope_decode_attention (q/k norm + rotary + the
+cache write + attention over the filled slots, one launch), act_linear (output projection),
+rms_norm_linear (residual add + RMSNorm + fused gate/up projection), act_linear (activation-mul +
+down projection).  The residual add of each sub-block runs in the prologue of the next op, so no
+kernel exists for it alone.  kernels="ops-unfused" runs rope_kv_write and decode_attention as
+two ops instead (six a layer: the A/B baseline of the fused op); kernels="torch" runs
+`forward_torch`.
 
 Weights: q/k/v are concatenated into one [(Hq + 2 Hkv) Dh, D] matrix and gate/up into one [2I, D]
 matrix; the Hugging Face modules' own parameters are then re-pointed to row slices of these
@@ -31,7 +34,9 @@ from torch import nn
 import custom_ops
 from fh_compile.arch import ArchSpec, arch_spec
 
-KERNELS = ("ops", "torch")   # decode through the custom ops, or forward_torch (ONNX, reference)
+# decode through the custom ops (rotary fused into attention, or not), or forward_torch (ONNX,
+# reference)
+KERNELS = ("ops", "ops-unfused", "torch")
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
@@ -192,11 +197,17 @@ class FastDecoder(nn.Module):
             qkv, residual = custom_ops.rms_norm_linear(branch, residual, post, L.in_norm, L.wqkv,
                                                        L.bqkv, s.eps, s.norm_offset,
                                                        counters=counters)
-            q = custom_ops.rope_kv_write(qkv, kv_k[i], kv_v[i], starts, fill, L.inv_freq,
-                                         L.rope_scaling, s.heads, L.q_norm, L.k_norm, s.eps,
-                                         s.norm_offset)
-            a = custom_ops.decode_attention(q, kv_k[i], kv_v[i], starts, fill, L.scale, L.window,
-                                            L.softcap, counters=counters)  # [B, Hq, 1, Dh]
+            if self.kernels == "ops":
+                a = custom_ops.rope_decode_attention(
+                    qkv, kv_k[i], kv_v[i], starts, fill, L.inv_freq, L.rope_scaling, s.heads,
+                    L.q_norm, L.k_norm, s.eps, s.norm_offset, scale=L.scale, window=L.window,
+                    softcap=L.softcap, counters=counters)                # [B, Hq, 1, Dh]
+            else:
+                q = custom_ops.rope_kv_write(qkv, kv_k[i], kv_v[i], starts, fill, L.inv_freq,
+                                             L.rope_scaling, s.heads, L.q_norm, L.k_norm, s.eps,
+                                             s.norm_offset)
+                a = custom_ops.decode_attention(q, kv_k[i], kv_v[i], starts, fill, L.scale,
+                                                L.window, L.softcap, counters=counters)
             o = custom_ops.act_linear(a.reshape(B, -1), L.wo, "none", counters=counters)
             gu, residual = custom_ops.rms_norm_linear(o, residual, L.post_attn_norm, L.mlp_norm,
                                                       L.w13, None, s.eps, s.norm_offset,

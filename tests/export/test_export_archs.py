@@ -28,7 +28,7 @@ def test_fast_step_export_and_onnx_round_trip(arch, tmp_path):
     prompt = Prompt.make(2, 12, VOCAB, "cpu")
     programs, artifacts = save_and_verify(step, tmp_path, prompt, steps=6, verify=True)
     assert [a.verification.status for a in artifacts] == ["passed", "passed"], artifacts
-    assert custom_op_counts(programs["decode"])["flashhead::decode_attention_ws"] == 2
+    assert custom_op_counts(programs["decode"])["flashhead::rope_decode_attention"] == 2
     onnx_step = DecodeStep(model, max_batch_size=2, max_cache_len=32, k=8, kernels="torch")
     art = onnx_export.export_decode(onnx_step, tmp_path / "decode.onnx", prompt, 6, "cpu", True)
     assert art.verification.status == "passed", art.verification.detail

@@ -60,8 +60,9 @@ def test_saved_programs_hold_one_flashhead_node(exported):
         counts = custom_op_counts(program)
         assert counts.pop("flashhead::topk") == 1
         if name == "decode":   # the fast forward: one node per custom op call, 2 layers
-            assert counts == {"flashhead::rms_norm_linear_ws": 4, "flashhead::rope_kv_write": 2,
-                              "flashhead::decode_attention_ws": 2, "flashhead::act_linear_ws": 4}
+            assert counts == {"flashhead::rms_norm_linear_ws": 4,
+                              "flashhead::rope_decode_attention": 2,
+                              "flashhead::act_linear_ws": 4}
         else:                  # prefill runs the fast forward's plain-PyTorch path
             assert counts == {}
 
