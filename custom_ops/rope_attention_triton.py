@@ -7,12 +7,13 @@ last-program combine (`decode_blocks`, `_combine`).  Program (b, kv head, head t
   1. loads its tile of 16 query heads from qkv [B, (Hq + 2 * Hkv) * Dh] twice: at lane d and at
      its rotate_half partner (d + Dh / 2) % Dh (so no in-register shuffle), applies the q RMSNorm
      (optional) and rotary in fp32, rounds to qkv's dtype: the q that rope_kv_write returns;
-  2. streams its chunk of the valid range [lo, min(fill, L)) from the cache as the unfused
-     kernel does, except slot fill - 1 (the new token), which it never loads;
-  3. the split whose chunk holds slot fill - 1 computes the new k of its kv head (norm + rotary,
-     rounded to the cache dtype) and loads the new v, and adds that slot to its online softmax
-     from registers (after the loop, so k_new / v_new hold no registers during it: at the
-     triton 3.6 sm_90 build, substituting them inside the loop with tl.where spilled);
+  2. the split whose chunk holds slot fill - 1 (the new token) computes the new k of its kv head
+     (norm + rotary, rounded to the cache dtype) and loads the new v, and starts its online
+     softmax with that slot (m = its score, l = 1, acc = v_new): k_new / v_new are dead before
+     the loop (substituting them inside the loop with tl.where spilled at the triton 3.6 sm_90
+     build; adding the slot after the loop cost ~75 registers at triton 3.9);
+  3. streams the rest of its chunk of the valid range [lo, min(fill, L)) from the cache as the
+     unfused kernel does; slot fill - 1 is never loaded;
   4. exactly one program per (b, kv head) stores k_new / v_new into slot fill - 1: that split
      (split 0 if the row's range is empty), head tile 0; nothing if the slot is outside [0, L).
      No other program reads the slot, so none reads what another one writes.
@@ -21,8 +22,10 @@ sync; the grid depends on shapes only: CUDA-graph safe while the fill grows).
 Bytes moved: decode_attention's (K and V of the valid slots once, q and out, L2-resident
 partials) + the q heads of qkv, read twice per split (lane and partner; L2-resident), the new k
 and v read and written by one split; the rope op's q_out round trip (B * Hq * Dh elements
-written and read) and its launch are gone.  Offline sm_90 builds (triton 3.6, 4 warps, no
-spills): 245 registers at Dh 128 bf16, 224 at Dh 256 (249 with soft-capping), 128 at Dh 64.
+written and read) and its launch are gone.
+Offline sm_90 builds at 4 warps: triton 3.6 (the GPU's) 241-255 registers at Dh 128 / 256 bf16
+(the unfused kernel: 254), no spills; triton 3.9: 168 (a 4-byte spill; unfused: 168), 96 at
+Dh 64.  Not yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -36,6 +39,14 @@ import triton.language as tl
 from custom_ops.counters import is_traced, workspace
 from custom_ops.decode_attention_triton import (_HEADS, DecodeBlocks, _check_blocks, _combine,
                                                 _empty, _launch, _tanh, decode_blocks)
+
+
+@triton.jit
+def _cos_sin(inv_freq_ptr, pos, d, d_ok, attn_scaling, DH: tl.constexpr):
+    """cos, sin [BLOCK_D] fp32 of lane d at rotary position pos (lanes d and d + Dh / 2 share
+    inv_freq[d % (Dh / 2)]), times attn_scaling."""
+    angle = pos.to(tl.float32) * tl.load(inv_freq_ptr + d % (DH // 2), mask=d_ok, other=0.0)
+    return tl.cos(angle) * attn_scaling, tl.sin(angle) * attn_scaling
 
 
 @triton.jit
@@ -93,10 +104,7 @@ def _rope_attention_kernel(qkv_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, inv_freq
     if s < tl.maximum(active, 1):
         d = tl.arange(0, BLOCK_D)
         d_ok = d < DH
-        angle = (slot - start).to(tl.float32) * tl.load(inv_freq_ptr + d % (DH // 2),
-                                                        mask=d_ok, other=0.0)
-        cos = tl.cos(angle) * attn_scaling         # [BLOCK_D] fp32
-        sin = tl.sin(angle) * attn_scaling
+        cos, sin = _cos_sin(inv_freq_ptr, slot - start, d, d_ok, attn_scaling, DH)
         src = qkv_ptr + b.to(tl.int64) * (HKV * (GROUP + 2)) * DH  # row b: Hq + 2 * Hkv heads
         # 1. q of the tile's heads [16, BLOCK_D], rounded as rope_kv_write's q_out.
         g = tile * 16 + tl.arange(0, 16)           # query heads of the group, padded to 16
@@ -104,13 +112,38 @@ def _rope_attention_kernel(qkv_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, inv_freq
         q = _rope_heads(src, (kvh * GROUP + g).to(tl.int64)[:, None] * DH,
                         g_ok[:, None] & d_ok[None, :], qn_ptr, d, d_ok, cos, sin, eps,
                         norm_offset, HAS_QN, DH).to(qkv_ptr.dtype.element_ty)
-        # 2. split-K attention over the chunk's cache slots, the new one excepted (step 3).
+        # 2. the new token, from registers: its k (roped, rounded to the cache dtype) and v
+        # [1, BLOCK_D].  The split whose chunk holds its slot starts its online softmax with it
+        # (score s1: m = s1, l = 1, acc = v_new), so k_new / v_new are dead before the loop; one
+        # program per (b, kv head) writes them into the cache (see the module docstring).
         kv_base = (b * HKV + kvh).to(tl.int64) * L * DH
+        j_lo = lo + s * chunk
+        j_hi = tl.minimum(j_lo + chunk, fill)
+        holds = (slot >= j_lo) & (slot < j_hi)     # never when slot >= L (j_hi <= L)
+        writes = (holds | ((n == 0) & (s == 0))) & (tile == 0) & (slot >= 0) & (slot < L)
         m_i = tl.full((16,), float("-inf"), tl.float32)
         l_i = tl.zeros((16,), tl.float32)
         acc = tl.zeros((16, BLOCK_D), tl.float32)
-        j_lo = lo + s * chunk
-        j_hi = tl.minimum(j_lo + chunk, fill)
+        if holds | writes:
+            row = d_ok[None, :]                                           # [1, BLOCK_D]
+            k_new = _rope_heads(src, (HKV * GROUP + kvh).to(tl.int64) * DH, row, kn_ptr, d, d_ok,
+                                cos, sin, eps, norm_offset, HAS_KN, DH).to(k_ptr.dtype.element_ty)
+            v_new = tl.load(src + (HKV * GROUP + HKV + kvh).to(tl.int64) * DH + d[None, :],
+                            mask=row, other=0.0).to(v_ptr.dtype.element_ty)
+            if writes:
+                dst = kv_base + slot.to(tl.int64) * DH + d[None, :]
+                tl.store(k_ptr + dst, k_new, mask=row)
+                tl.store(v_ptr + dst, v_new, mask=row)
+            if holds:
+                # q . k_new: exact products summed in fp32, as tl.dot does.
+                s1 = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1) * scale  # [16]
+                if SOFTCAP:
+                    cap = tl.cast(softcap, tl.float32)
+                    s1 = cap * _tanh(s1 / cap)
+                m_i = s1
+                l_i = tl.full((16,), 1.0, tl.float32)           # p = e^(s1 - m) = 1 exactly
+                acc = acc + v_new.to(tl.float32)
+        # 3. split-K attention over the chunk's cache slots, the new one excepted.
         j_end = tl.minimum(j_hi, slot)             # the chunk holding the slot ends with it
         for j0 in range(j_lo, j_end, BLOCK_N):
             j = j0 + tl.arange(0, BLOCK_N)
@@ -140,36 +173,6 @@ def _rope_attention_kernel(qkv_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, inv_freq
                 pv = tl.dot(p.to(v.dtype), v)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
-        # 3. the new token from registers: its k (roped, rounded to the cache dtype) and v
-        # [1, BLOCK_D] join the softmax of the split whose chunk holds the slot, and one program
-        # per (b, kv head) writes them into the cache (see the module docstring).  Computed
-        # after the loop so they hold no registers during it.
-        holds = (slot >= j_lo) & (slot < j_hi)     # never when slot >= L (j_hi <= L)
-        writes = (holds | ((n == 0) & (s == 0))) & (tile == 0) & (slot >= 0) & (slot < L)
-        if holds | writes:
-            row = d_ok[None, :]                                           # [1, BLOCK_D]
-            k_new = _rope_heads(src, (HKV * GROUP + kvh).to(tl.int64) * DH, row, kn_ptr, d, d_ok,
-                                cos, sin, eps, norm_offset, HAS_KN, DH).to(k_ptr.dtype.element_ty)
-            v_new = tl.load(src + (HKV * GROUP + HKV + kvh).to(tl.int64) * DH + d[None, :],
-                            mask=row, other=0.0).to(v_ptr.dtype.element_ty)
-            if writes:
-                dst = kv_base + slot.to(tl.int64) * DH + d[None, :]
-                tl.store(k_ptr + dst, k_new, mask=row)
-                tl.store(v_ptr + dst, v_new, mask=row)
-            if holds:
-                # q . k_new: exact products summed in fp32, as tl.dot does.
-                sc1 = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1) * scale  # [16]
-                if SOFTCAP:
-                    cap = tl.cast(softcap, tl.float32)
-                    sc1 = cap * _tanh(sc1 / cap)
-                m_new = tl.maximum(m_i, sc1)
-                alpha = tl.exp(m_i - m_new)
-                p1 = tl.exp(sc1 - m_new)
-                l_i = l_i * alpha + p1
-                if not DOT_FP32:       # P is rounded to the cache dtype for P @ V, as above
-                    p1 = p1.to(v_ptr.dtype.element_ty).to(tl.float32)
-                acc = acc * alpha[:, None] + p1[:, None] * v_new.to(tl.float32)
-                m_i = m_new
         hq = (b * HKV + kvh) * GROUP + g           # flat (b, query head) index
         out_mask = g_ok[:, None] & d_ok[None, :]
         out_off = hq.to(tl.int64)[:, None] * DH + d[None, :]
