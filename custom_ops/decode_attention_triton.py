@@ -193,13 +193,17 @@ def decode_blocks(B: int, Hkv: int, group: int, L: int, Dh: int, dtype: torch.dt
     blocks there: 255 and spills), no spills.  At Dh 128 with fewer than SMs / 4 (row, kv head)
     programs, 32-slot blocks (and so 128-slot chunks): on an H200 (`attention_latency --sweep`,
     R1-1.5B, B = 1, fill 8,192) 23.9 us against 26.1 us with 64-slot blocks; at B = 16 the
-    64-slot blocks stay (58.8 vs 59.2 us).
+    64-slot blocks stay (58.8 vs 59.2 us).  min_chunk is 256 slots for 16-bit caches whatever
+    the block: a row filled up to 256 runs on one split, with no combine.  (With 128-slot chunks
+    the compiled R1-1.5B step at fill ~200 spent 19 us a layer in attention at capacity 16,384
+    against 11 us at capacity 256: the last program's combine walks a SPLIT_PAD-wide tile of
+    partials one query head at a time.)
     """
     block_d = max(16, triton.next_power_of_2(Dh))
     programs = B * Hkv * triton.cdiv(group, _HEADS)
     block_n = (16 if dtype == torch.float32 else 32 if block_d != 128
                or 4 * programs < _num_sms(device) else 64)
-    min_chunk = 4 * block_n
+    min_chunk = 4 * block_n if dtype == torch.float32 else max(4 * block_n, 256)
     splits = max(1, min(triton.cdiv(2 * _num_sms(device), programs), triton.cdiv(L, min_chunk),
                         max_splits(block_d)))
     return DecodeBlocks(splits, block_n, block_d, min_chunk, 4, 2)
