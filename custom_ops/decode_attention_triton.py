@@ -190,19 +190,21 @@ def decode_blocks(B: int, Hkv: int, group: int, L: int, Dh: int, dtype: torch.dt
     combine (A * GROUP * Dh * 4 bytes from L2) stays about as short as one split's reads.
     Blocks: 64 slots at Dh 128, 32 at other sizes, 16 for fp32 (IEEE fp32 dots); sm_90 builds
     of triton 3.9 at 4 warps: 168 registers at Dh 128 bf16, 197 at Dh 256, 96 at Dh 64 (64-slot
-    blocks there: 255 and spills), no spills.  At Dh 128 with fewer than SMs / 4 (row, kv head)
-    programs, 32-slot blocks (and so 128-slot chunks): on an H200 (`attention_latency --sweep`,
-    R1-1.5B, B = 1, fill 8,192) 23.9 us against 26.1 us with 64-slot blocks; at B = 16 the
-    64-slot blocks stay (58.8 vs 59.2 us).  min_chunk is 256 slots for 16-bit caches whatever
-    the block: a row filled up to 256 runs on one split, with no combine.  (With 128-slot chunks
-    the compiled R1-1.5B step at fill ~200 spent 19 us a layer in attention at capacity 16,384
-    against 11 us at capacity 256: the last program's combine walks a SPLIT_PAD-wide tile of
-    partials one query head at a time.)
+    blocks there: 255 and spills), no spills.  min_chunk is 256 slots for 16-bit caches: a row
+    filled up to 256 runs on one split, with no combine.
+    Measured on an H200 (R1-1.5B, compiled step, B = 1, fill ~200, `benchmarks.tpot` profile):
+    * 128-slot chunks spent 19 us a layer in attention at capacity 16,384 against 11 us at
+      capacity 256: the last program's combine walks a SPLIT_PAD-wide tile of partials one
+      query head at a time;
+    * 32-slot blocks at Dh 128 (with 256-slot chunks): 9.8 us a layer for the fused
+      rope_decode_attention, against 6.4 + 1.9 us for decode_attention + rope_kv_write with
+      64-slot blocks: short rows are latency bound, so fewer, larger blocks win there, though
+      `attention_latency --sweep` found 32-slot blocks 2 us faster at fill 8,192 (23.9 vs
+      26.1 us).
     """
     block_d = max(16, triton.next_power_of_2(Dh))
     programs = B * Hkv * triton.cdiv(group, _HEADS)
-    block_n = (16 if dtype == torch.float32 else 32 if block_d != 128
-               or 4 * programs < _num_sms(device) else 64)
+    block_n = 16 if dtype == torch.float32 else 64 if block_d == 128 else 32
     min_chunk = 4 * block_n if dtype == torch.float32 else max(4 * block_n, 256)
     splits = max(1, min(triton.cdiv(2 * _num_sms(device), programs), triton.cdiv(L, min_chunk),
                         max_splits(block_d)))
