@@ -191,10 +191,14 @@ class DecodeStep(nn.Module):
                              persistent=False)                                      # [B]
         # counters: [n] int32, the split-K kernels' scratch (custom_ops.counters), zero, and
         # every kernel leaves it zero.  Held as state, the compiled step needs no fill kernel
-        # for it (one per attention and split-K linear call otherwise).
-        n = max(custom_counters.WORKSPACE_SIZE, B * heads * 16)
-        self.register_buffer("counters", custom_counters.new_workspace(device, n),
-                             persistent=False)                                      # [n]
+        # for it (one per attention and split-K linear call otherwise).  The plain-PyTorch step
+        # (kernels="torch", what the ONNX export runs) has none.
+        if self.fast is not None and self.fast.kernels != "torch":
+            n = max(custom_counters.WORKSPACE_SIZE, B * heads * 16)
+            self.register_buffer("counters", custom_counters.new_workspace(device, n),
+                                 persistent=False)                                  # [n]
+        else:
+            self.counters = None
         for name, buf in self.named_buffers(recurse=False):
             torch._dynamo.mark_static_address(buf)
 

@@ -112,7 +112,8 @@ def test_onnx_head_and_decode_agree_with_pytorch(exported):
     # The decode step, from an empty state, token by token.
     sess = ort.InferenceSession(str(out / "decode.onnx"), providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()][1:]
-    state = {n: t.numpy() for n, t in new_state(step).items()}
+    # the ONNX step runs plain PyTorch ops: the Triton kernels' counters are no part of its state
+    state = {n: t.numpy() for n, t in new_state(step).items() if n != "counters"}
     assert set(names) == set(state)
     step.reset()
     token = torch.tensor([[3], [4]])
