@@ -91,53 +91,74 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, out_ptr,
         acc = tl.zeros((16, BLOCK_D), tl.float32)
         j_lo = lo + s * chunk
         j_hi = tl.minimum(j_lo + chunk, fill)
+        # Inductor passes Python floats to user kernels as fp64 scalars: keep the math fp32.
+        scale32 = tl.cast(scale, tl.float32)
         for j0 in range(j_lo, j_hi, BLOCK_N):
-            j = j0 + tl.arange(0, BLOCK_N)
-            j_ok = j < j_hi
-            kv_off = kv_base + j.to(tl.int64)[:, None] * DH + d[None, :]
-            kv_mask = j_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)          # [BLOCK_N, BLOCK_D]
-            if DOT_FP32:
-                sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)),
-                            input_precision="ieee")
-            else:
-                sc = tl.dot(q, tl.trans(k))                               # [16, BLOCK_N] fp32
-            # Inductor passes Python floats to user kernels as fp64 scalars: keep the math fp32.
-            sc = sc * tl.cast(scale, tl.float32)
-            if SOFTCAP:
-                cap = tl.cast(softcap, tl.float32)
-                sc = cap * _tanh(sc / cap)
-            sc = tl.where(j_ok[None, :], sc, float("-inf"))
-            # Every block holds a valid slot (j0 < j_hi), so m_new is finite.
-            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(sc - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)          # [BLOCK_N, BLOCK_D]
-            if DOT_FP32:
-                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
-        out_mask = g_ok[:, None] & d_ok[None, :]
-        out_off = hq.to(tl.int64)[:, None] * DH + d[None, :]
-        if active <= 1:                            # the whole range was this program's
-            o = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
-            tl.store(out_ptr + out_off, o.to(out_ptr.dtype.element_ty), mask=out_mask)
-        else:
-            row = pid.to(tl.int64) * 16 + tl.arange(0, 16)               # [16] (NP, 16) rows
-            tl.store(pm_ptr + row * S + s, m_i, mask=g_ok)
-            tl.store(pl_ptr + row * S + s, l_i, mask=g_ok)
-            tl.store(pacc_ptr + (row * S + s)[:, None] * DH + d[None, :], acc, mask=out_mask)
-            # The barrier orders every thread's partial stores before the counter's release;
-            # the last program's acquire orders its partial loads after every other release.
-            tl.debug_barrier()
-            done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
-            if done == active - 1:
-                _combine(pm_ptr, pl_ptr, pacc_ptr, out_ptr, pid, b, kvh, tile, active, HKV,
-                         GROUP, DH, S, BLOCK_D, SPLIT_PAD)
-                tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed")          # clean for next call
+            m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, kv_base, j0, j_hi, d, d_ok, m_i, l_i,
+                                          acc, scale32, softcap, DH, BLOCK_N, SOFTCAP, DOT_FP32)
+        _finish(out_ptr, pm_ptr, pl_ptr, pacc_ptr, count_ptr, m_i, l_i, acc, hq, g_ok, d, d_ok,
+                pid, s, b, kvh, tile, active, HKV, GROUP, DH, S, BLOCK_D, SPLIT_PAD)
+
+
+@triton.jit
+def _attend_block(q, k_ptr, v_ptr, kv_base, j0, j_end, d, d_ok, m_i, l_i, acc, scale, softcap,
+                  DH: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
+                  DOT_FP32: tl.constexpr):
+    """One online-softmax step over cache slots j0 .. j0 + BLOCK_N (those < j_end; at least
+    one): q [16, BLOCK_D] against K and V [BLOCK_N, BLOCK_D] at kv_base (one kv head's [L, Dh]
+    rows); scale fp32.  Returns the updated (m_i [16], l_i [16], acc [16, BLOCK_D]) fp32."""
+    j = j0 + tl.arange(0, BLOCK_N)
+    j_ok = j < j_end
+    kv_off = kv_base + j.to(tl.int64)[:, None] * DH + d[None, :]
+    kv_mask = j_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)                  # [BLOCK_N, BLOCK_D]
+    if DOT_FP32:
+        sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        sc = tl.dot(q, tl.trans(k))                                       # [16, BLOCK_N] fp32
+    sc = sc * scale
+    if SOFTCAP:
+        cap = tl.cast(softcap, tl.float32)
+        sc = cap * _tanh(sc / cap)
+    sc = tl.where(j_ok[None, :], sc, float("-inf"))
+    # The block holds a valid slot (j0 < j_end), so m_new is finite.
+    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(sc - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)                  # [BLOCK_N, BLOCK_D]
+    if DOT_FP32:
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
+def _finish(out_ptr, pm_ptr, pl_ptr, pacc_ptr, count_ptr, m_i, l_i, acc, hq, g_ok, d, d_ok, pid,
+            s, b, kvh, tile, active, HKV, GROUP, DH: tl.constexpr, S: tl.constexpr,
+            BLOCK_D: tl.constexpr, SPLIT_PAD: tl.constexpr):
+    """A split's end: with one active split, out[hq] = acc / l (0 where l = 0); else store the
+    partials (m, l, acc) of split s and count it; the last split to arrive combines them all
+    and resets the counter.  hq [16] flat (b, query head) indices, g_ok their mask."""
+    out_mask = g_ok[:, None] & d_ok[None, :]
+    out_off = hq.to(tl.int64)[:, None] * DH + d[None, :]
+    if active <= 1:                            # the whole range was this program's
+        o = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
+        tl.store(out_ptr + out_off, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        row = pid.to(tl.int64) * 16 + tl.arange(0, 16)                   # [16] (NP, 16) rows
+        tl.store(pm_ptr + row * S + s, m_i, mask=g_ok)
+        tl.store(pl_ptr + row * S + s, l_i, mask=g_ok)
+        tl.store(pacc_ptr + (row * S + s)[:, None] * DH + d[None, :], acc, mask=out_mask)
+        # The barrier orders every thread's partial stores before the counter's release; the
+        # last program's acquire orders its partial loads after every other release.
+        tl.debug_barrier()
+        done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+        if done == active - 1:
+            _combine(pm_ptr, pl_ptr, pacc_ptr, out_ptr, pid, b, kvh, tile, active, HKV,
+                     GROUP, DH, S, BLOCK_D, SPLIT_PAD)
+            tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed")              # clean for next call
 
 
 @triton.jit

@@ -37,8 +37,9 @@ import triton
 import triton.language as tl
 
 from custom_ops.counters import is_traced, workspace
-from custom_ops.decode_attention_triton import (_HEADS, DecodeBlocks, _check_blocks, _combine,
-                                                _empty, _launch, _tanh, decode_blocks)
+from custom_ops.decode_attention_triton import (_HEADS, DecodeBlocks, _attend_block,
+                                                _check_blocks, _empty, _finish, _launch, _tanh,
+                                                decode_blocks)
 
 
 @triton.jit
@@ -146,51 +147,11 @@ def _rope_attention_kernel(qkv_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, inv_freq
         # 3. split-K attention over the chunk's cache slots, the new one excepted.
         j_end = tl.minimum(j_hi, slot)             # the chunk holding the slot ends with it
         for j0 in range(j_lo, j_end, BLOCK_N):
-            j = j0 + tl.arange(0, BLOCK_N)
-            j_ok = j < j_end
-            kv_off = kv_base + j.to(tl.int64)[:, None] * DH + d[None, :]
-            kv_mask = j_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)          # [BLOCK_N, BLOCK_D]
-            if DOT_FP32:
-                sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)),
-                            input_precision="ieee")
-            else:
-                sc = tl.dot(q, tl.trans(k))                               # [16, BLOCK_N] fp32
-            sc = sc * scale
-            if SOFTCAP:
-                cap = tl.cast(softcap, tl.float32)
-                sc = cap * _tanh(sc / cap)
-            sc = tl.where(j_ok[None, :], sc, float("-inf"))
-            # Every block holds a valid slot (j0 < j_end), so m_new is finite.
-            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(sc - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)          # [BLOCK_N, BLOCK_D]
-            if DOT_FP32:
-                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
-        hq = (b * HKV + kvh) * GROUP + g           # flat (b, query head) index
-        out_mask = g_ok[:, None] & d_ok[None, :]
-        out_off = hq.to(tl.int64)[:, None] * DH + d[None, :]
-        if active <= 1:                            # the whole range was this program's
-            o = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
-            tl.store(out_ptr + out_off, o.to(out_ptr.dtype.element_ty), mask=out_mask)
-        else:
-            prow = pid.to(tl.int64) * 16 + tl.arange(0, 16)              # [16] (NP, 16) rows
-            tl.store(pm_ptr + prow * S + s, m_i, mask=g_ok)
-            tl.store(pl_ptr + prow * S + s, l_i, mask=g_ok)
-            tl.store(pacc_ptr + (prow * S + s)[:, None] * DH + d[None, :], acc, mask=out_mask)
-            # Barrier + acq_rel counter: as in _decode_attention_kernel.
-            tl.debug_barrier()
-            done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
-            if done == active - 1:
-                _combine(pm_ptr, pl_ptr, pacc_ptr, out_ptr, pid, b, kvh, tile, active, HKV,
-                         GROUP, DH, S, BLOCK_D, SPLIT_PAD)
-                tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed")          # clean for next call
+            m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, kv_base, j0, j_end, d, d_ok, m_i, l_i,
+                                          acc, scale, softcap, DH, BLOCK_N, SOFTCAP, DOT_FP32)
+        _finish(out_ptr, pm_ptr, pl_ptr, pacc_ptr, count_ptr, m_i, l_i, acc,
+                (b * HKV + kvh) * GROUP + g, g_ok, d, d_ok, pid, s, b, kvh, tile, active, HKV,
+                GROUP, DH, S, BLOCK_D, SPLIT_PAD)
 
 
 def triton_rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
