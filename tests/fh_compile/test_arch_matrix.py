@@ -70,6 +70,22 @@ def test_attention_hf_keeps_transformers_forward_and_attention():
     assert torch.equal(out.sequences, expected)
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
+def test_unfused_decode_kernels_give_the_same_tokens(arch):
+    """decode_kernels="ops-unfused" (rope_kv_write + decode_attention, the A/B baseline of the
+    fused rope_decode_attention) decodes transformers' greedy tokens too; a bad value is refused."""
+    model = tiny_arch(arch)
+    ids, mask = prompt_batch(2)
+    expected = hf_greedy(model, ids, mask)
+    fh_compile.compile_model(model, flashhead=False, mode=None, max_batch_size=2,
+                             max_cache_len=64, decode_kernels="ops-unfused")
+    assert model.fh_compiled.step.fast.kernels == "ops-unfused"
+    out = fh_compile.generate(model, ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=[])
+    assert torch.equal(out.sequences, expected)
+    with pytest.raises(ValueError, match="decode_kernels must be one of"):
+        fh_compile.compile_model(model, flashhead=False, mode=None, decode_kernels="fused")
+
+
 def test_gemma2_logits_are_soft_capped_like_the_dense_head(tmp_path):
     model = tiny_arch("gemma2")
     cap = model.config.final_logit_softcapping
