@@ -15,8 +15,9 @@ Bytes: the filled K/V (2 * B * Hkv * fill * Dh * 2), the floor every method is h
 those bytes / time, floor ms = those bytes at the copy bandwidth measured in the same run.
 x sdpa_hf: speedup over sdpa_hf in the same run.  Every method's output is checked against
 sdpa_hf first (max abs difference in the table).
---sweep also times launch settings of the op (block_n, num_warps, min_chunk, splits) at fill
-8192, to tune custom_ops.decode_attention_triton.decode_blocks; the best per shape is printed.
+--sweep also times launch settings of the op (block_n, min_chunk, splits, and the combine: one
+head at a time or split after split, DecodeBlocks.combine_splits) at every fill, to tune
+custom_ops.decode_attention_triton.decode_blocks; the best per shape and fill is printed.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def run(cfg: AttentionLatencyConfig) -> tuple[dict, list[dict], list[dict]]:
                     traceback.print_exc()
                 rows.append(row)
                 print(_row_line(row), flush=True)
-            if cfg.sweep and F == max(cfg.fills):
+            if cfg.sweep:
                 sweep_rows += sweep(q, k, v, starts, fill, ref, base, cfg)
         del q, k, v
         torch.cuda.empty_cache()
@@ -168,10 +169,13 @@ def sweep(q, k, v, starts, fill, ref, base: dict, cfg: AttentionLatencyConfig) -
     default = dat.decode_blocks(B, Hkv, Hq // Hkv, L, Dh, q.dtype, q.device)
     out = []
     block_ns = (32, 64) if Dh <= 128 else (16, 32)
-    for bn, warps, chunk_blocks, split_mul in itertools.product(block_ns, (4, 8), (2, 4, 8),
-                                                                (1, 2)):
+    settings = {default}
+    for bn, chunk_blocks, split_mul, combine_splits in itertools.product(
+            block_ns, (1, 2, 4, 8), (1, 2), (False, True)):
         splits = min(default.splits * split_mul, dat.max_splits(default.block_d))
-        blk = dat.DecodeBlocks(splits, bn, default.block_d, chunk_blocks * bn, warps, 2)
+        settings.add(dat.DecodeBlocks(splits, bn, default.block_d, chunk_blocks * bn, 4, 2,
+                                      combine_splits))
+    for blk in sorted(settings):
         row = dict(base, method="triton_sweep", blocks=blk._asdict(), default=blk == default)
         try:
             def fn(blk=blk):
@@ -199,7 +203,7 @@ def _row_line(r: dict) -> str:
 
 def print_tables(rows: list[dict], sweep_rows: list[dict]) -> None:
     if sweep_rows:
-        print("\nlaunch-setting sweep at the largest fill (best 3 per shape; * = decode_blocks' "
+        print("\nlaunch-setting sweep (best 3 per shape and fill; * = decode_blocks' "
               "defaults):")
         keyf = (lambda r: (r["model"], r["B"], r["capacity"], r["fill"]))
         for key in dict.fromkeys(keyf(r) for r in sweep_rows):

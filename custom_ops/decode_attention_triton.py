@@ -61,7 +61,8 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, out_ptr,
                              pacc_ptr, count_ptr, scale, softcap, window, min_chunk, L, HKV,
                              GROUP, NG, DH: tl.constexpr, S: tl.constexpr,
                              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_PAD: tl.constexpr,
-                             SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr):
+                             SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+                             COMBINE_SPLITS: tl.constexpr):
     """See the module docstring.  q, out [B, Hq, 1, Dh]; k, v [B, Hkv, L, Dh] (contiguous);
     starts [B] int64; fill [1] int64; partials pm, pl [NP, 16, S] fp32 and pacc [NP, 16, S, Dh]
     fp32 (NP = B * Hkv * NG); count [NP] int32, zero on entry and on exit."""
@@ -97,7 +98,8 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, out_ptr,
             m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, kv_base, j0, j_hi, d, d_ok, m_i, l_i,
                                           acc, scale32, softcap, DH, BLOCK_N, SOFTCAP, DOT_FP32)
         _finish(out_ptr, pm_ptr, pl_ptr, pacc_ptr, count_ptr, m_i, l_i, acc, hq, g_ok, d, d_ok,
-                pid, s, b, kvh, tile, active, HKV, GROUP, DH, S, BLOCK_D, SPLIT_PAD)
+                pid, s, b, kvh, tile, active, HKV, GROUP, DH, S, BLOCK_D, SPLIT_PAD,
+                COMBINE_SPLITS)
 
 
 @triton.jit
@@ -137,10 +139,11 @@ def _attend_block(q, k_ptr, v_ptr, kv_base, j0, j_end, d, d_ok, m_i, l_i, acc, s
 @triton.jit
 def _finish(out_ptr, pm_ptr, pl_ptr, pacc_ptr, count_ptr, m_i, l_i, acc, hq, g_ok, d, d_ok, pid,
             s, b, kvh, tile, active, HKV, GROUP, DH: tl.constexpr, S: tl.constexpr,
-            BLOCK_D: tl.constexpr, SPLIT_PAD: tl.constexpr):
+            BLOCK_D: tl.constexpr, SPLIT_PAD: tl.constexpr, COMBINE_SPLITS: tl.constexpr):
     """A split's end: with one active split, out[hq] = acc / l (0 where l = 0); else store the
     partials (m, l, acc) of split s and count it; the last split to arrive combines them all
-    and resets the counter.  hq [16] flat (b, query head) indices, g_ok their mask."""
+    (`_combine`, or `_combine_splits` when COMBINE_SPLITS) and resets the counter.  hq [16]
+    flat (b, query head) indices, g_ok their mask."""
     out_mask = g_ok[:, None] & d_ok[None, :]
     out_off = hq.to(tl.int64)[:, None] * DH + d[None, :]
     if active <= 1:                            # the whole range was this program's
@@ -156,9 +159,40 @@ def _finish(out_ptr, pm_ptr, pl_ptr, pacc_ptr, count_ptr, m_i, l_i, acc, hq, g_o
         tl.debug_barrier()
         done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
         if done == active - 1:
-            _combine(pm_ptr, pl_ptr, pacc_ptr, out_ptr, pid, b, kvh, tile, active, HKV,
-                     GROUP, DH, S, BLOCK_D, SPLIT_PAD)
+            if COMBINE_SPLITS:
+                _combine_splits(pm_ptr, pl_ptr, pacc_ptr, out_ptr, row, out_off, out_mask, g_ok,
+                                d, active, DH, S)
+            else:
+                _combine(pm_ptr, pl_ptr, pacc_ptr, out_ptr, pid, b, kvh, tile, active, HKV,
+                         GROUP, DH, S, BLOCK_D, SPLIT_PAD)
             tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed")              # clean for next call
+
+
+@triton.jit
+def _combine_splits(pm_ptr, pl_ptr, pacc_ptr, out_ptr, row, out_off, out_mask, g_ok, d, active,
+                    DH: tl.constexpr, S: tl.constexpr):
+    """`_combine`'s result, all 16 query heads of the tile at once, one active split after the
+    other (a [16, BLOCK_D] tile of partials per step, online rescaling): `active` dependent L2
+    reads instead of one per query head, so it suits few splits and many heads (row [16] the
+    tile's partial rows; .cg loads as in `_combine`).  Every active split holds a valid slot, so
+    m is finite for the tile's real heads; padded heads read m = 0 and are not stored."""
+    m = tl.load(pm_ptr + row * S, mask=g_ok, other=0.0, cache_modifier=".cg")          # [16]
+    ll = tl.load(pl_ptr + row * S, mask=g_ok, other=0.0, cache_modifier=".cg")
+    acc = tl.load(pacc_ptr + (row * S)[:, None] * DH + d[None, :], mask=out_mask, other=0.0,
+                  cache_modifier=".cg")                                                 # [16, BD]
+    for t in range(1, active):
+        mt = tl.load(pm_ptr + row * S + t, mask=g_ok, other=0.0, cache_modifier=".cg")
+        lt = tl.load(pl_ptr + row * S + t, mask=g_ok, other=0.0, cache_modifier=".cg")
+        at = tl.load(pacc_ptr + (row * S + t)[:, None] * DH + d[None, :], mask=out_mask,
+                     other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, mt)
+        wa = tl.exp(m - m_new)
+        wt = tl.exp(mt - m_new)
+        ll = ll * wa + lt * wt
+        acc = acc * wa[:, None] + at * wt[:, None]
+        m = m_new
+    o = acc / tl.where(g_ok, ll, 1.0)[:, None]
+    tl.store(out_ptr + out_off, o.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -194,6 +228,10 @@ class DecodeBlocks(NamedTuple):
     min_chunk: int    # fewest slots a split takes (so short ranges use few splits)
     num_warps: int
     num_stages: int
+    # The last program's combine: all query heads at once, split after split
+    # (`_combine_splits`), instead of one head at a time over all splits (`_combine`).  Not
+    # the default: not yet timed on a GPU (`benchmarks.attention_latency --sweep` times both).
+    combine_splits: bool = False
 
 
 def _num_sms(device: torch.device) -> int:
@@ -283,6 +321,6 @@ def triton_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         q, k_cache, v_cache, starts, fill.reshape(1), out, part_m, part_l, part_acc, count,
         float(scale), float(softcap), int(window), blk.min_chunk, L, Hkv, group, ng, DH=Dh, S=S,
         BLOCK_D=blk.block_d, BLOCK_N=blk.block_n, SPLIT_PAD=triton.next_power_of_2(S),
-        SOFTCAP=softcap > 0, DOT_FP32=q.dtype == torch.float32, num_warps=blk.num_warps,
-        num_stages=blk.num_stages)
+        SOFTCAP=softcap > 0, DOT_FP32=q.dtype == torch.float32,
+        COMBINE_SPLITS=blk.combine_splits, num_warps=blk.num_warps, num_stages=blk.num_stages)
     return out

@@ -134,3 +134,14 @@ def test_rope_kv_write_matches_reference(fresh_seed, norm, fill) -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k, k2, rtol=1e-5, atol=1e-5)
     assert torch.equal(v, v2)
+
+
+@pytest.mark.parametrize("Hq,Hkv,Dh,splits", [(12, 2, 64, 3), (40, 2, 16, 13), (4, 1, 80, 2)])
+def test_split_wise_combine_matches_reference(fresh_seed, Hq, Hkv, Dh, splits) -> None:
+    """DecodeBlocks.combine_splits: the last program folds the partials in split after split
+    for all heads of its tile (two tiles at 40 / 2), windows and soft-cap included."""
+    blk = blocks(splits, Dh)._replace(combine_splits=True)
+    q, k, v = draw(3, Hq, Hkv, 200, Dh)
+    for fill in (1, 37, 150, 200):
+        check(q, k, v, [0, 9, 37], fill, blk)
+    check(q, k, v, [0, 11, 50], 190, blk, window=45, softcap=2.0, scale=1.0)

@@ -136,3 +136,13 @@ def test_fill_grows_under_one_launch_configuration(fresh_seed) -> None:
         torch.testing.assert_close(got, want, rtol=TOL, atol=TOL)
     torch.testing.assert_close(k, k_ref, rtol=TOL, atol=TOL)
     assert torch.equal(v, v_ref)
+
+
+@pytest.mark.parametrize("splits", [2, 4])
+def test_split_wise_combine(fresh_seed, splits) -> None:
+    """DecodeBlocks.combine_splits in the fused kernel: same as the unfused pair and the
+    references (the writer of the new slot is a middle split at fill 40 with 4 splits)."""
+    qkv, k, v, inv_freq, w = draw(3, 12, 2, 60, 32, norm=True)
+    blk = blocks(splits, 32)._replace(combine_splits=True)
+    for fill in (2, 40, 60):
+        check(qkv, k, v, [0, 5, 30], fill, inv_freq, 12, w, blk)
