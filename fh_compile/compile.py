@@ -90,7 +90,7 @@ class CompileInfo:
     mode: str | None
     options: CompileOptions
     forward: str = "fast"
-    attention: str = "flashhead::decode_attention"
+    attention: str = "flashhead::rope_decode_attention"
     fallback: str | None = None
     fingerprint: str | None = None
     assets_dir: str | None = None

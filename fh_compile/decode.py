@@ -115,18 +115,25 @@ def check_forward_attention(forward: str, attention: str) -> None:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     if attention == "hf" and forward == "fast":
         raise ValueError("attention='hf' (transformers' attention) needs forward='hf' or "
-                         "'auto': the fast forward always runs flashhead::decode_attention")
+                         "'auto': the fast forward always runs the decode-attention op")
 
 
 @dataclass(frozen=True)
 class StepInfo:
     """Which decoder forward a DecodeStep runs.  forward: "fast" or "hf"; attention: the decode
-    attention ("flashhead::decode_attention" or transformers' implementation name); reason: why
+    attention ("flashhead::rope_decode_attention" / "flashhead::decode_attention" or
+    transformers' implementation name); reason: why
     the fast forward is not used (None when it is)."""
 
     forward: str
     attention: str
     reason: str | None = None
+
+
+# The attention each fast-forward kernel set runs (StepInfo.attention).
+FAST_ATTENTION = {"ops": "flashhead::rope_decode_attention",
+                  "ops-unfused": "flashhead::decode_attention",
+                  "torch": "plain PyTorch (fast forward, kernels='torch')"}
 
 
 class DecodeStep(nn.Module):
@@ -172,7 +179,7 @@ class DecodeStep(nn.Module):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         if self.fast is not None:
             self._init_fast_state(len(self.fast.layers), heads, head_dim, dtype, device)
-            self.info = StepInfo("fast", "flashhead::decode_attention")
+            self.info = StepInfo("fast", FAST_ATTENTION[self.fast.kernels])
         else:
             self._init_hf_state(config, heads, head_dim, dtype, device, reason)
             self.info = self._hf_attention_info(attention, reason)

@@ -44,7 +44,7 @@ def test_compiled_generate_equals_transformers(arch, tmp_path):
     assert out.path == "flashhead"
     if arch in FAST:
         assert (info.forward, info.attention, info.fallback) == (
-            "fast", "flashhead::decode_attention", None)
+            "fast", "flashhead::rope_decode_attention", None)
     else:   # transformers' forward, with the decode op through its attention interface
         assert info.forward == "hf" and arch in info.fallback
         assert info.attention.startswith("flashhead::decode_attention")

@@ -23,7 +23,7 @@ def test_gemma3_270m_generates_transformers_tokens(tmp_path):
 
     compile_model(model, flashhead=False, mode=None, max_cache_len=64)
     info = model.fh_compiled.info
-    assert (info.forward, info.attention) == ("fast", "flashhead::decode_attention")
+    assert (info.forward, info.attention) == ("fast", "flashhead::rope_decode_attention")
     assert torch.equal(generate(model, prompt, max_new_tokens=NEW, eos_token_id=[]).new_tokens[0],
                        expected)
     uncompile_model(model)
