@@ -72,12 +72,8 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, out_ptr,
     b = (pid // NG) // HKV
     kvh = (pid // NG) % HKV
     fill = tl.minimum(tl.load(fill_ptr), L)
-    lo = tl.maximum(tl.load(starts_ptr + b), 0)
-    if window > 0:
-        lo = tl.maximum(lo, fill - window)
-    n = tl.maximum(fill - lo, 0)
-    chunk = tl.maximum(tl.cdiv(tl.cdiv(n, S), BLOCK_N) * BLOCK_N, min_chunk)
-    active = tl.cdiv(n, chunk)                     # A: splits with slots to read
+    lo, n, chunk, active = _split_range(tl.load(starts_ptr + b), fill, window, min_chunk, S,
+                                        BLOCK_N)
     if s < tl.maximum(active, 1):
         g = tile * 16 + tl.arange(0, 16)           # query heads of the group, padded to 16
         g_ok = g < GROUP
@@ -100,6 +96,19 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, out_ptr,
         _finish(out_ptr, pm_ptr, pl_ptr, pacc_ptr, count_ptr, m_i, l_i, acc, hq, g_ok, d, d_ok,
                 pid, s, b, kvh, tile, active, HKV, GROUP, DH, S, BLOCK_D, SPLIT_PAD,
                 COMBINE_SPLITS)
+
+
+@triton.jit
+def _split_range(start, fill, window, min_chunk, S: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A row's valid slots [lo, fill) (lo = max(start, fill - window if window > 0, 0)), their
+    count n, the chunk a split takes (cdiv(n, S) rounded up to BLOCK_N, at least min_chunk) and
+    the active splits A = cdiv(n, chunk) (see the module docstring)."""
+    lo = tl.maximum(start, 0)
+    if window > 0:
+        lo = tl.maximum(lo, fill - window)
+    n = tl.maximum(fill - lo, 0)
+    chunk = tl.maximum(tl.cdiv(tl.cdiv(n, S), BLOCK_N) * BLOCK_N, min_chunk)
+    return lo, n, chunk, tl.cdiv(n, chunk)
 
 
 @triton.jit

@@ -38,8 +38,8 @@ import triton.language as tl
 
 from custom_ops.counters import is_traced, workspace
 from custom_ops.decode_attention_triton import (_HEADS, DecodeBlocks, _attend_block,
-                                                _check_blocks, _empty, _finish, _launch, _tanh,
-                                                decode_blocks)
+                                                _check_blocks, _empty, _finish, _launch,
+                                                _split_range, _tanh, decode_blocks)
 
 
 @triton.jit
@@ -96,12 +96,7 @@ def _rope_attention_kernel(qkv_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, inv_freq
     slot = tl.load(fill_ptr) - 1                   # the new token's slot (may lie outside [0, L))
     start = tl.load(starts_ptr + b)
     fill = tl.minimum(slot + 1, L)
-    lo = tl.maximum(start, 0)
-    if window > 0:
-        lo = tl.maximum(lo, fill - window)
-    n = tl.maximum(fill - lo, 0)
-    chunk = tl.maximum(tl.cdiv(tl.cdiv(n, S), BLOCK_N) * BLOCK_N, min_chunk)
-    active = tl.cdiv(n, chunk)                     # A: splits with slots to read
+    lo, n, chunk, active = _split_range(start, fill, window, min_chunk, S, BLOCK_N)
     if s < tl.maximum(active, 1):
         d = tl.arange(0, BLOCK_D)
         d_ok = d < DH
