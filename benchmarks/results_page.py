@@ -208,10 +208,11 @@ def tpot_section(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 def tpot_variants_section(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     timed = [r for r in rows if r.get("tpot_ms") is not None]
-    base = {(r["B"], r["cache_len"]): r["tpot_ms"] for r in timed if r["variant"] == "hf-dense"}
+    base = {(r["B"], r["cache_len"], r["position"]): r["tpot_ms"] for r in timed
+            if r["variant"] == "hf-dense"}
     body = []
-    for r in sorted(timed, key=lambda r: (r["B"], -r["cache_len"], -r["tpot_ms"])):
-        b = base.get((r["B"], r["cache_len"]))
+    for r in sorted(timed, key=lambda r: (r["B"], -r["cache_len"], r["position"], -r["tpot_ms"])):
+        b = base.get((r["B"], r["cache_len"], r["position"]))
         body.append([r["variant"], str(r["B"]), str(r["cache_len"]), str(r["position"]),
                      r.get("attention", "-"), fmt(r["tpot_ms"]),
                      fmt(r.get("kernels_per_step")), fmt(r.get("floor_ms")),

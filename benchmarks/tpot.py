@@ -2,7 +2,7 @@
 dense head vs FlashHead, at the cache capacities and fills a reasoning trace needs.
 
     python -m benchmarks.tpot [--arch r1-1.5b | --model PATH] [--batch 1 16]
-        [--cache-len 16384 256] [--position 128] [--variants hf-dense fast-body fast-dense fast-fh]
+        [--cache-len 16384 256] [--position 128 8192] [--variants hf-dense fast-body ...]
         [--other-cache-variants fast-body]
         [--mode reduce-overhead] [--out results/tpot.json] [--quick]
 
@@ -15,7 +15,8 @@ Every variant is the product's decode step (fh_compile.compile_model, greedy ste
 variants of one (forward, B, capacity) share one decode step and one compiled body graph; each head
 adds its own small graph.  Before timing, a prompt of `--position` tokens fills the cache; then
 `--new-tokens` steps are timed with CUDA events, in `--rounds` rounds interleaved over all
-variants (clock drift hits all alike).  Per row: median ms per token, kernels per step (profiled),
+variants (clock drift hits all alike).  Several positions reuse the compiled steps: each is timed
+(and profiled) at every capacity that holds it.  Per row: median ms per token, kernels per step (profiled),
 the byte floor (benchmarks.step_cost), achieved GB/s against it, and the fraction of the copy
 bandwidth measured in the same run.  Ratios are taken within the run only.
 """
@@ -55,7 +56,7 @@ class TpotConfig:
     model: str | None = None          # a checkpoint instead of a random architecture
     batches: tuple[int, ...] = (1, 16)
     cache_lens: tuple[int, ...] = (16384, 256)
-    position: int = 128               # slots filled before timing
+    positions: tuple[int, ...] = (128,)   # slots filled before timing (each one a row)
     variants: tuple[str, ...] = ("hf-dense", "hf-fh", "fast-body", "fast-dense", "fast-fh")
     other_cache_variants: tuple[str, ...] = ("fast-body",)   # at the capacities after the first
     mode: str = "reduce-overhead"
@@ -76,11 +77,17 @@ class TpotConfig:
             raise ValueError(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
         if self.arch not in ARCHS:
             raise ValueError(f"unknown --arch {self.arch!r}; choose from {ARCHS}")
-        too_small = [L for L in self.cache_lens
-                     if L < self.position + self.warmup + 2 + self.new_tokens + 8]
-        if too_small:
-            raise ValueError(f"cache lengths {too_small} cannot hold --position {self.position} "
-                             f"plus the timed steps; raise --cache-len or lower --position")
+        if not self.positions or min(self.positions) < 1:
+            raise ValueError(f"positions must be >= 1, got {self.positions}")
+        if unheld := [P for P in self.positions if not self.capacities_holding(P)]:
+            raise ValueError(f"no cache length in {self.cache_lens} can hold --position "
+                             f"{unheld} plus the timed steps; raise --cache-len or lower "
+                             f"--position")
+
+    def capacities_holding(self, position: int) -> list[int]:
+        """The cache lengths with room for `position` slots plus the warm-up and timed steps."""
+        need = position + self.warmup + 2 + self.new_tokens + 8
+        return [L for L in self.cache_lens if L >= need]
 
 
 @dataclass
@@ -97,8 +104,8 @@ class Variant:
     forward: str
     attention: str
     first_call_s: float
-    ms: list[float] = field(default_factory=list)
-    profile: dict = field(default_factory=dict)
+    ms: dict[int, list[float]] = field(default_factory=dict)       # position -> ms per step
+    profile: dict[int, dict] = field(default_factory=dict)        # position -> profile_step
 
 
 def model_view(model: torch.nn.Module) -> torch.nn.Module:
@@ -143,7 +150,7 @@ def group(model: torch.nn.Module, assets, forward: str, heads: list[str], B: int
             fn()
 
         with torch.no_grad():
-            prefill(dec.step, B, cfg)
+            prefill(dec.step, B, min(cfg.positions))
             t0 = time.perf_counter()
             call()
             if dev.type == "cuda":
@@ -157,17 +164,18 @@ def group(model: torch.nn.Module, assets, forward: str, heads: list[str], B: int
     return out
 
 
-def prefill(step, B: int, cfg: TpotConfig) -> None:
+def prefill(step, B: int, position: int) -> None:
     dev = step.device
     g = torch.Generator(device=dev).manual_seed(B)
     hi = min(1000, step.model.config.vocab_size)
-    step.prefill_hidden(torch.randint(0, hi, (B, cfg.position), device=dev, generator=g))
+    step.prefill_hidden(torch.randint(0, hi, (B, position), device=dev, generator=g))
 
 
 @torch.no_grad()
-def time_round(v: Variant, cfg: TpotConfig) -> None:
-    """Refill the cache with the prompt, then time `new_tokens` calls with CUDA events."""
-    prefill(v.step, v.B, cfg)
+def time_round(v: Variant, cfg: TpotConfig, position: int) -> None:
+    """Refill the cache with a prompt of `position` tokens, then time `new_tokens` calls with
+    CUDA events."""
+    prefill(v.step, v.B, position)
     for _ in range(2):
         v.call()
     events = [torch.cuda.Event(enable_timing=True) for _ in range(cfg.new_tokens + 1)]
@@ -176,21 +184,23 @@ def time_round(v: Variant, cfg: TpotConfig) -> None:
         v.call()
         events[i + 1].record()
     torch.cuda.synchronize()
-    v.ms += [a.elapsed_time(b) for a, b in zip(events, events[1:])]
+    v.ms.setdefault(position, []).extend(a.elapsed_time(b) for a, b in zip(events, events[1:]))
 
 
-def row_of(v: Variant, model: torch.nn.Module, assets, cfg: TpotConfig, copy_gbs: float) -> dict:
-    med = statistics.median(v.ms)
-    filled = cfg.position + 2 + cfg.new_tokens // 2            # the middle of the timed steps
+def row_of(v: Variant, position: int, model: torch.nn.Module, assets, cfg: TpotConfig,
+           copy_gbs: float) -> dict:
+    ms, profile = v.ms[position], v.profile[position]
+    med = statistics.median(ms)
+    filled = position + 2 + cfg.new_tokens // 2                # the middle of the timed steps
     floor = step_bytes(model, v.step, assets, v.name.split("-", 1)[1], v.B, cfg.probes, filled)
     name = v.name if v.mode == cfg.mode else f"{v.name}@{v.mode}"
     return dict(variant=name, forward=v.forward, attention=v.attention, B=v.B,
-                cache_len=v.cache_len, position=cfg.position, path=v.path, mode=v.mode,
-                tpot_ms=med, tpot_ms_mean=statistics.fmean(v.ms), steps=len(v.ms),
+                cache_len=v.cache_len, position=position, path=v.path, mode=v.mode,
+                tpot_ms=med, tpot_ms_mean=statistics.fmean(ms), steps=len(ms),
                 tok_per_s=v.B * 1e3 / med, floor_bytes=floor, floor_ms=floor / copy_gbs / 1e6,
                 gb_per_s=floor / med / 1e6, bw_fraction=floor / med / 1e6 / copy_gbs,
-                kernels_per_step=v.profile.get("kernels_per_step"), profile=v.profile,
-                first_call_s=v.first_call_s, raw_ms=[round(x, 4) for x in v.ms])
+                kernels_per_step=profile.get("kernels_per_step"), profile=profile,
+                first_call_s=v.first_call_s, raw_ms=[round(x, 4) for x in ms])
 
 
 def plan(cfg: TpotConfig) -> list[tuple[str, list[str], int, int, str | None]]:
@@ -260,15 +270,16 @@ def run(cfg: TpotConfig) -> tuple[dict, list[dict]]:
             print(f"compiled {v.name:<11} B={B:<3} L={L:<6} ({v.forward}, {v.attention}, "
                   f"{mode}) first call {v.first_call_s:.1f} s", flush=True)
         ready += vs
+    timed = [(v, P) for P in cfg.positions for v in ready if v.cache_len in cfg.capacities_holding(P)]
     for _ in range(cfg.rounds):
-        for v in ready:
-            time_round(v, cfg)
-    for v in ready:   # after a prefill the first replays may re-record: profile warm replays
-        prefill(v.step, v.B, cfg)
+        for v, P in timed:
+            time_round(v, cfg, P)
+    for v, P in timed:   # after a prefill the first replays may re-record: profile warm replays
+        prefill(v.step, v.B, P)
         for _ in range(3):
             v.call()
-        v.profile = profile_step(v.call)
-    rows = [row_of(v, model, assets, cfg, copy_gbs) for v in ready] + skipped
+        v.profile[P] = profile_step(v.call)
+    rows = [row_of(v, P, model, assets, cfg, copy_gbs) for v, P in timed] + skipped
     meta["graph_breaks"] = sum(counters["graph_break"].values())
     meta["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
     meta["run_s"] = round(time.perf_counter() - t_start, 1)
@@ -276,7 +287,7 @@ def run(cfg: TpotConfig) -> tuple[dict, list[dict]]:
 
 
 def print_table(rows: list[dict]) -> None:
-    base = {(r["B"], r["cache_len"]): r["tpot_ms"] for r in rows
+    base = {(r["B"], r["cache_len"], r["position"]): r["tpot_ms"] for r in rows
             if r.get("variant") == BASELINE and "tpot_ms" in r}
     head = (f"{'variant':<11}{'B':>4}{'L':>7}{'pos':>6} {'path':<10}{'ms/tok':>8}{'kern':>6}"
             f"{'floor ms':>9}{'GB/s':>7}{'%bw':>5}{'x ' + BASELINE:>12}")
@@ -286,7 +297,7 @@ def print_table(rows: list[dict]) -> None:
             why = r.get("error", "skipped (budget)")
             print(f"{r['variant']:<11}{r['B']:>4}{r['cache_len']:>7}  {why[:70]}")
             continue
-        b = base.get((r["B"], r["cache_len"]))
+        b = base.get((r["B"], r["cache_len"], r["position"]))
         x = f"{b / r['tpot_ms']:.2f}" if b else "-"
         kern = r["kernels_per_step"]
         print(f"{r['variant']:<11}{r['B']:>4}{r['cache_len']:>7}{r['position']:>6} {r['path']:<10}"
@@ -303,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     p.add_argument("--cache-len", type=int, nargs="+", default=[16384, 256],
                    help="static cache capacities (slots)")
-    p.add_argument("--position", type=int, default=128, help="slots filled before timing")
+    p.add_argument("--position", type=int, nargs="+", default=[128],
+                   help="slots filled before timing (several: one row each, same compiled steps)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS,
                    default=list(TpotConfig.variants))
     p.add_argument("--other-cache-variants", nargs="*", choices=VARIANTS, default=["fast-body"],
@@ -324,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                     "and CUDA graphs"):
         return 2
     kw = dict(arch=a.arch, model=a.model, batches=tuple(a.batch), cache_lens=tuple(a.cache_len),
-              position=a.position, variants=tuple(a.variants), mode=a.mode,
+              positions=tuple(a.position), variants=tuple(a.variants), mode=a.mode,
               compare_mode=a.compare_mode, other_cache_variants=tuple(a.other_cache_variants),
               new_tokens=a.new_tokens, rounds=a.rounds, probes=a.probes, budget_s=a.budget_s,
               out=a.out)

@@ -15,7 +15,7 @@ def test_groups_share_one_step_and_leave_the_model_alone() -> None:
     model = tiny_lm("qwen2")
     dense_head = model.get_output_embeddings()
     assets = build_assets(dense_head.weight, cluster_size=16)
-    cfg = TpotConfig(position=6, new_tokens=3, warmup=1, probes=4, k=4, cache_lens=(32,))
+    cfg = TpotConfig(positions=(6,), new_tokens=3, warmup=1, probes=4, k=4, cache_lens=(32,))
     variants = group(model, assets, "fast", ["body", "dense", "fh"], 2, 32, cfg, None)
     assert [v.name for v in variants] == ["fast-body", "fast-dense", "fast-fh"]
     assert [v.path for v in variants] == ["none", "dense", "flashhead"]
@@ -40,5 +40,9 @@ def test_plan_orders_groups_and_checks_capacity() -> None:
     more = TpotConfig(batches=(1,), cache_lens=(256,), variants=("fast-fh",),
                       compare_mode="max-autotune")
     assert plan(more)[-1] == ("fast", ["dense", "fh"], 1, 256, "max-autotune")
-    with pytest.raises(ValueError, match="cannot hold"):
-        TpotConfig(cache_lens=(64,), position=128)
+    with pytest.raises(ValueError, match="can hold"):
+        TpotConfig(cache_lens=(64,), positions=(128,))
+    # a position is timed only at the capacities that hold it
+    both = TpotConfig(cache_lens=(16384, 256), positions=(128, 8192))
+    assert both.capacities_holding(8192) == [16384]
+    assert both.capacities_holding(128) == [16384, 256]
