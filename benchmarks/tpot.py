@@ -270,7 +270,8 @@ def run(cfg: TpotConfig) -> tuple[dict, list[dict]]:
             print(f"compiled {v.name:<11} B={B:<3} L={L:<6} ({v.forward}, {v.attention}, "
                   f"{mode}) first call {v.first_call_s:.1f} s", flush=True)
         ready += vs
-    timed = [(v, P) for P in cfg.positions for v in ready if v.cache_len in cfg.capacities_holding(P)]
+    timed = [(v, P) for P in cfg.positions for v in ready
+             if v.cache_len in cfg.capacities_holding(P)]
     for _ in range(cfg.rounds):
         for v, P in timed:
             time_round(v, cfg, P)
