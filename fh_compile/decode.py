@@ -148,6 +148,7 @@ class DecodeStep(nn.Module):
             raise ValueError(f"need max_batch_size >= 1, max_cache_len >= 2 and k >= 1, got "
                              f"{max_batch_size}, {max_cache_len}, {k}")
         check_forward_attention(forward, attention)
+        self.kernels = kernels
         if attention == "hf":
             forward = "hf"
         _output_embeddings(model)  # a clear ValueError for models without an LM head
@@ -196,16 +197,7 @@ class DecodeStep(nn.Module):
                              persistent=False)                                      # [1]
         self.register_buffer("starts", torch.zeros(B, dtype=torch.int64, device=device),
                              persistent=False)                                      # [B]
-        # counters: [n] int32, the split-K kernels' scratch (custom_ops.counters), zero, and
-        # every kernel leaves it zero.  Held as state, the compiled step needs no fill kernel
-        # for it (one per attention and split-K linear call otherwise).  The plain-PyTorch step
-        # (kernels="torch", what the ONNX export runs) has none.
-        if self.fast is not None and self.fast.kernels != "torch":
-            n = max(custom_counters.WORKSPACE_SIZE, B * heads * 16)
-            self.register_buffer("counters", custom_counters.new_workspace(device, n),
-                                 persistent=False)                                  # [n]
-        else:
-            self.counters = None
+        self._init_counters(heads, device)
         for name, buf in self.named_buffers(recurse=False):
             torch._dynamo.mark_static_address(buf)
 
@@ -231,9 +223,25 @@ class DecodeStep(nn.Module):
                                                       device=device), persistent=False)
         self.register_buffer("starts", torch.zeros(self.max_batch_size, dtype=torch.int64,
                                                    device=device), persistent=False)   # [B]
+        self._init_counters(heads, device)
         torch._dynamo.mark_static_address(self.attn_mask)
         torch._dynamo.mark_static_address(self.positions)
         torch._dynamo.mark_static_address(self.starts)
+        if self.counters is not None:
+            torch._dynamo.mark_static_address(self.counters)
+
+    def _init_counters(self, kv_heads: int, device: torch.device) -> None:
+        """counters: [n] int32, the split-K kernels' scratch (custom_ops.counters), zero, and
+        every kernel leaves it zero.  Held as state, the compiled step needs no fill kernel for
+        it (one per attention and split-K linear call otherwise).  A step with kernels="torch"
+        (what the ONNX export builds: plain PyTorch, or the decode op without counters) has
+        none."""
+        if self.kernels == "torch":
+            self.counters = None
+            return
+        n = max(custom_counters.WORKSPACE_SIZE, self.max_batch_size * kv_heads * 16)
+        self.register_buffer("counters", custom_counters.new_workspace(device, n),
+                             persistent=False)                                      # [n]
 
     def _hf_attention_info(self, attention: str, reason: str | None) -> StepInfo:
         """Use flashhead::decode_attention inside transformers' forward (attention='auto'),
@@ -318,7 +326,8 @@ class DecodeStep(nn.Module):
     def _hf_body(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         extra = {}
         if self._hf_attention is not None and input_ids.shape[1] == 1:
-            extra = dict(fh_starts=self.starts, fh_fill=self.cache.layers[0].cumulative_length)
+            extra = dict(fh_starts=self.starts, fh_fill=self.cache.layers[0].cumulative_length,
+                         fh_counters=self.counters)
         out = self.body(input_ids=input_ids, attention_mask=self.attn_mask,
                         position_ids=position_ids, use_cache=True, **{self._cache_kw: self.cache},
                         **extra)

@@ -34,6 +34,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from custom_ops import decode_attention
+
 # Not "flashhead_decode": transformers treats every implementation name containing "flash" as
 # a flash-attention kernel (utils.generic.is_flash_attention_requested) and tries to load it.
 ATTENTION_NAME = "fh_decode"
@@ -76,10 +78,13 @@ def flashhead_decode_attention(module: nn.Module, query: torch.Tensor, key: torc
                                softcap: Optional[float] = None,
                                fh_starts: Optional[torch.Tensor] = None,
                                fh_fill: Optional[torch.Tensor] = None,
+                               fh_counters: Optional[torch.Tensor] = None,
                                **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers attention function (AttentionInterface signature): query [B, Hq, T, Dh],
     key / value [B, Hkv, L, Dh] -> (attn_output [B, T, Hq, Dh], None).  T == 1 with fh_starts
-    and fh_fill: the decode op; T > 1: transformers' SDPA path.  See the module docstring."""
+    and fh_fill: the decode op (with fh_counters, the caller's zeroed int32 scratch state, its
+    `_ws` variant: no fill kernel under torch.compile); T > 1: transformers' SDPA path.  See the
+    module docstring."""
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     if query.shape[2] == 1:
         if fh_starts is None or fh_fill is None:
@@ -92,8 +97,8 @@ def flashhead_decode_attention(module: nn.Module, query: torch.Tensor, key: torc
                 f"layer {getattr(module, 'layer_idx', '?')} uses a sliding window "
                 f"({sliding_window}); transformers' StaticCache keeps it in a ring buffer, which "
                 f"the decode op does not read: keep the model's own attention")
-        out = torch.ops.flashhead.decode_attention(query, key, value, fh_starts, fh_fill, scale,
-                                                   0, float(softcap or 0.0))
+        out = decode_attention(query, key, value, fh_starts, fh_fill, scale, 0,
+                               float(softcap or 0.0), counters=fh_counters)
         return out.transpose(1, 2), None                                 # [B, 1, Hq, Dh]
     if softcap:
         return _softcapped_attention(module, query, key, value, attention_mask, scale,

@@ -100,8 +100,15 @@ def test_greedy_tokens_equal_sdpa(fresh_seed, arch, padded) -> None:
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
 
 
-def test_decode_call_compiles_without_graph_breaks(fresh_seed) -> None:
+@pytest.mark.parametrize("with_counters", [False, True])
+def test_decode_call_compiles_without_graph_breaks(fresh_seed, with_counters) -> None:
+    """fullgraph compile of a one-token call; with fh_counters (a DecodeStep's scratch state)
+    the adapter runs flashhead::decode_attention_ws, which leaves them zero."""
     from transformers import StaticCache
+
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    from custom_ops.counters import new_workspace
 
     model = tiny("qwen2")
     hf_attention.enable(model)
@@ -112,10 +119,11 @@ def test_decode_call_compiles_without_graph_breaks(fresh_seed) -> None:
     starts = torch.zeros(B, dtype=torch.int64)
     kw = {cache_kw(model): cache, "use_cache": True}
     fill = cache.layers[0].cumulative_length
+    counters = new_workspace("cpu", 64) if with_counters else None
 
     def step(tok, pos):
         return model(tok, attention_mask=attn, position_ids=pos, fh_starts=starts, fh_fill=fill,
-                     **kw).logits
+                     fh_counters=counters, **kw).logits
 
     compiled = torch.compile(step, fullgraph=True)
     with torch.no_grad():
@@ -128,6 +136,12 @@ def test_decode_call_compiles_without_graph_breaks(fresh_seed) -> None:
             want = step(tok, pos)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
             tok = want[:, -1].argmax(-1, keepdim=True)
+        rec = EagerAndRecordGraphs()                    # which op the traced graph calls
+        torch.compile(step, backend=rec, fullgraph=True)(tok, torch.full((B, 1), 8))
+    code = "".join(g.code for g in rec.graphs)
+    assert ("flashhead.decode_attention_ws" in code) == with_counters, code[-2000:]
+    if with_counters:
+        assert not counters.any()
 
 
 def test_sliding_window_models_are_refused() -> None:
