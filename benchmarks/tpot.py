@@ -15,9 +15,9 @@ Every variant is the product's decode step (fh_compile.compile_model, greedy ste
 variants of one (forward, B, capacity) share one decode step and one compiled body graph; each head
 adds its own small graph.  Before timing, a prompt of `--position` tokens fills the cache; then
 `--new-tokens` steps are timed with CUDA events, in `--rounds` rounds interleaved over all
-variants (clock drift hits all alike).  Several positions reuse the compiled steps: each is timed
-(and profiled) at every capacity that holds it.  Per row: median ms per token, kernels per step (profiled),
-the byte floor (benchmarks.step_cost), achieved GB/s against it, and the fraction of the copy
+variants (clock drift hits all alike).  Several positions reuse the compiled steps: each is
+timed (and profiled) at every capacity that holds it.  Per row: median ms per token, kernels per
+step (profiled), the byte floor (benchmarks.step_cost), achieved GB/s against it, and the fraction of the copy
 bandwidth measured in the same run.  Ratios are taken within the run only.
 """
 

@@ -6,7 +6,9 @@ starts clean without a memset.
 Eager calls share one persistent buffer per device; calls on one stream run one after the other,
 so they can share it (two calls running at once on two streams would not be safe).  Traced calls
 (torch.compile, torch.export, make_fx) get a fresh zeroed buffer: Inductor keeps no state
-between calls, so a compiled graph runs one fill kernel beside each such op.
+between calls, so a compiled graph runs one fill kernel beside each such op, unless the caller
+holds the buffer as its own state and passes it in (`new_workspace`, `workspace`: the `_ws`
+ops, which a decode step uses).
 """
 
 from __future__ import annotations

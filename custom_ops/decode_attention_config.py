@@ -37,9 +37,10 @@ def decode_blocks(B: int, Hkv: int, group: int, L: int, Dh: int, dtype: torch.dt
                   device: torch.device) -> DecodeBlocks:
     """Default launch settings; they depend on shapes only (a compiled graph specializes on B,
     Hkv, L, Dh).  Splits: about two programs per SM at full capacity (B * Hkv * NG * S ~ 2 *
-    SMs), at most L / min_chunk and `max_splits`.  min_chunk = 4 blocks: a split reads at least
-    ~128 KB of K/V (bf16, Dh 128), so short ranges run on few splits and the last program's
-    combine (A * GROUP * Dh * 4 bytes from L2) stays about as short as one split's reads.
+    SMs), at most L / min_chunk and `max_splits`.  min_chunk (4 blocks for fp32, 256 slots for
+    16-bit caches, see below): a split reads at least ~128 KB of K/V (bf16, Dh 128), so short
+    ranges run on few splits and the last program's combine (A * GROUP * Dh * 4 bytes from L2)
+    stays about as short as one split's reads.
     Blocks: 64 slots at Dh 128, 32 at other sizes, 16 for fp32 (IEEE fp32 dots); sm_90 builds
     of triton 3.9 at 4 warps: 168 registers at Dh 128 bf16, 197 at Dh 256, 96 at Dh 64 (64-slot
     blocks there: 255 and spills), no spills.  min_chunk is 256 slots for 16-bit caches: a row

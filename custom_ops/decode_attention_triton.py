@@ -113,6 +113,17 @@ def _split_range(start, fill, window, min_chunk, S: tl.constexpr, BLOCK_N: tl.co
 
 
 @triton.jit
+def _scaled_scores(sc, scale, softcap, SOFTCAP: tl.constexpr):
+    """q . k products (fp32) -> scores: times scale (fp32), then softcap * tanh(x / softcap)
+    when SOFTCAP (softcap: Inductor passes it as an fp64 scalar, so it is cast to fp32)."""
+    sc = sc * scale
+    if SOFTCAP:
+        cap = tl.cast(softcap, tl.float32)
+        sc = cap * _tanh(sc / cap)
+    return sc
+
+
+@triton.jit
 def _attend_block(q, k_ptr, v_ptr, kv_base, j0, j_end, d, d_ok, m_i, l_i, acc, scale, softcap,
                   DH: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
                   DOT_FP32: tl.constexpr):
@@ -128,11 +139,7 @@ def _attend_block(q, k_ptr, v_ptr, kv_base, j0, j_end, d, d_ok, m_i, l_i, acc, s
         sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
         sc = tl.dot(q, tl.trans(k))                                       # [16, BLOCK_N] fp32
-    sc = sc * scale
-    if SOFTCAP:
-        cap = tl.cast(softcap, tl.float32)
-        sc = cap * _tanh(sc / cap)
-    sc = tl.where(j_ok[None, :], sc, float("-inf"))
+    sc = tl.where(j_ok[None, :], _scaled_scores(sc, scale, softcap, SOFTCAP), float("-inf"))
     # The block holds a valid slot (j0 < j_end), so m_new is finite.
     m_new = tl.maximum(m_i, tl.max(sc, axis=1))
     alpha = tl.exp(m_i - m_new)

@@ -39,7 +39,7 @@ import triton.language as tl
 from custom_ops.counters import is_traced, workspace
 from custom_ops.decode_attention_triton import (_HEADS, DecodeBlocks, _attend_block,
                                                 _check_blocks, _empty, _finish, _launch,
-                                                _split_range, _tanh, decode_blocks)
+                                                _scaled_scores, _split_range, decode_blocks)
 
 
 @triton.jit
@@ -132,10 +132,8 @@ def _rope_attention_kernel(qkv_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, inv_freq
                 tl.store(v_ptr + dst, v_new, mask=row)
             if holds:
                 # q . k_new: exact products summed in fp32, as tl.dot does.
-                s1 = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1) * scale  # [16]
-                if SOFTCAP:
-                    cap = tl.cast(softcap, tl.float32)
-                    s1 = cap * _tanh(s1 / cap)
+                s1 = _scaled_scores(tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1),
+                                    scale, softcap, SOFTCAP)                      # [16]
                 m_i = s1
                 l_i = tl.full((16,), 1.0, tl.float32)           # p = e^(s1 - m) = 1 exactly
                 acc = acc + v_new.to(tl.float32)
