@@ -50,7 +50,7 @@ from custom_ops import counters as custom_counters
 from custom_ops.counters import is_traced
 from fh_compile import hf_attention
 from fh_compile.arch import UnsupportedArchitecture
-from fh_compile.fast_decoder import FastDecoder
+from fh_compile.fast_decoder import KERNELS, FastDecoder
 from fh_compile.head import FlashHeadLMHead, _output_embeddings
 from fh_compile.sampling import SamplingConfig, sample_candidates
 
@@ -148,6 +148,9 @@ class DecodeStep(nn.Module):
             raise ValueError(f"need max_batch_size >= 1, max_cache_len >= 2 and k >= 1, got "
                              f"{max_batch_size}, {max_cache_len}, {k}")
         check_forward_attention(forward, attention)
+        # Checked here, not only in FastDecoder: transformers' forward reads it too (counters).
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
         self.kernels = kernels
         if attention == "hf":
             forward = "hf"
@@ -180,7 +183,7 @@ class DecodeStep(nn.Module):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         if self.fast is not None:
             self._init_fast_state(len(self.fast.layers), heads, head_dim, dtype, device)
-            self.info = StepInfo("fast", FAST_ATTENTION[self.fast.kernels])
+            self.info = StepInfo("fast", FAST_ATTENTION[kernels])
         else:
             self._init_hf_state(config, heads, head_dim, dtype, device, reason)
             self.info = self._hf_attention_info(attention, reason)

@@ -11,6 +11,7 @@ import torch
 import fh_compile
 from arch_models import ARCHS, FAST, VOCAB, WINDOW, tiny_arch
 from fh_compile.arch import UnsupportedArchitecture
+from fh_compile.decode import DecodeStep
 
 PROMPT, NEW = 12, 40     # the prompt alone crosses the sliding window of 8
 
@@ -84,6 +85,8 @@ def test_unfused_decode_kernels_give_the_same_tokens(arch):
     assert torch.equal(out.sequences, expected)
     with pytest.raises(ValueError, match="decode_kernels must be one of"):
         fh_compile.compile_model(model, flashhead=False, mode=None, decode_kernels="fused")
+    with pytest.raises(ValueError, match="kernels must be one of"):   # transformers' forward too
+        DecodeStep(tiny_arch("phi3"), max_cache_len=32, forward="hf", kernels="fused")
 
 
 def test_gemma2_logits_are_soft_capped_like_the_dense_head(tmp_path):
