@@ -15,8 +15,8 @@ Bytes: the filled K/V (2 * B * Hkv * fill * Dh * 2), the floor every method is h
 those bytes / time, floor ms = those bytes at the copy bandwidth measured in the same run.
 x sdpa_hf: speedup over sdpa_hf in the same run.  Every method's output is checked against
 sdpa_hf first (max abs difference in the table).
---sweep also times launch settings of the op (block_n, min_chunk, splits, and the combine: one
-head at a time or split after split, DecodeBlocks.combine_splits) at every fill, to tune
+--sweep also times launch settings of the op (block_n, min_chunk, splits, and the combine: up to
+how many active splits it goes split after split, DecodeBlocks.combine_upto) at every fill, to tune
 custom_ops.decode_attention_triton.decode_blocks; the best per shape and fill is printed.
 """
 
@@ -170,11 +170,11 @@ def sweep(q, k, v, starts, fill, ref, base: dict, cfg: AttentionLatencyConfig) -
     out = []
     block_ns = (32, 64) if Dh <= 128 else (16, 32)
     settings = {default}
-    for bn, chunk_blocks, split_mul, combine_splits in itertools.product(
-            block_ns, (1, 2, 4, 8), (1, 2), (False, True)):
+    for bn, chunk_blocks, split_mul, combine_upto in itertools.product(
+            block_ns, (1, 2, 4, 8), (1, 2), (0, 16, 64)):
         splits = min(default.splits * split_mul, dat.max_splits(default.block_d))
         settings.add(dat.DecodeBlocks(splits, bn, default.block_d, chunk_blocks * bn, 4, 2,
-                                      combine_splits))
+                                      combine_upto))
     for blk in sorted(settings):
         row = dict(base, method="triton_sweep", blocks=blk._asdict(), default=blk == default)
         try:

@@ -21,10 +21,10 @@ class DecodeBlocks(NamedTuple):
     min_chunk: int    # fewest slots a split takes (so short ranges use few splits)
     num_warps: int
     num_stages: int
-    # The last program's combine: all query heads at once, split after split
-    # (`_combine_splits`), instead of one head at a time over all splits (`_combine`).  Not
-    # the default: not yet timed on a GPU (`benchmarks.attention_latency --sweep` times both).
-    combine_splits: bool = False
+    # The last program's combine, chosen at run time by the active splits A: up to this many,
+    # all query heads at once, split after split (`_combine_splits`: A dependent L2 reads);
+    # more, one query head at a time over all splits (`_combine`).  0: always `_combine`.
+    combine_upto: int = 16
 
 
 def _num_sms(device: torch.device) -> int:
@@ -37,28 +37,28 @@ def decode_blocks(B: int, Hkv: int, group: int, L: int, Dh: int, dtype: torch.dt
                   device: torch.device) -> DecodeBlocks:
     """Default launch settings; they depend on shapes only (a compiled graph specializes on B,
     Hkv, L, Dh).  Splits: about two programs per SM at full capacity (B * Hkv * NG * S ~ 2 *
-    SMs), at most L / min_chunk and `max_splits`.  min_chunk (4 blocks for fp32, 256 slots for
-    16-bit caches, see below): a split reads at least ~128 KB of K/V (bf16, Dh 128), so short
-    ranges run on few splits and the last program's combine (A * GROUP * Dh * 4 bytes from L2)
-    stays about as short as one split's reads.
+    SMs), at most L / min_chunk and `max_splits`.  min_chunk (4 blocks for fp32, 64 slots for
+    16-bit caches): a short row is latency bound (a chain of memory round trips), so it is
+    spread over splits of one or two blocks each and folded by the split-after-split combine.
     Blocks: 64 slots at Dh 128, 32 at other sizes, 16 for fp32 (IEEE fp32 dots); sm_90 builds
     of triton 3.9 at 4 warps: 168 registers at Dh 128 bf16, 197 at Dh 256, 96 at Dh 64 (64-slot
-    blocks there: 255 and spills), no spills.  min_chunk is 256 slots for 16-bit caches: a row
-    filled up to 256 runs on one split, with no combine.
-    Measured on an H200 (R1-1.5B, compiled step, B = 1, fill ~200, `benchmarks.tpot` profile):
-    * 128-slot chunks spent 19 us a layer in attention at capacity 16,384 against 11 us at
-      capacity 256: the last program's combine walks a SPLIT_PAD-wide tile of partials one
-      query head at a time;
-    * 32-slot blocks at Dh 128 (with 256-slot chunks): 9.8 us a layer for the fused
-      rope_decode_attention, against 6.4 + 1.9 us for decode_attention + rope_kv_write with
-      64-slot blocks: short rows are latency bound, so fewer, larger blocks win there, though
-      `attention_latency --sweep` found 32-slot blocks 2 us faster at fill 8,192 (23.9 vs
-      26.1 us).
+    blocks there: 255 and spills), no spills.
+    Measured on an H200 (`benchmarks.attention_latency --sweep`, one layer, B in {1, 16},
+    capacity 32,768, 2026-11-30):
+    * fill 200: 64-slot chunks with the split-after-split combine 10.1 us at B = 1 (R1-1.5B)
+      against 12.3 us for one 256-slot split and 19.3 us with the head-at-a-time combine;
+      Gemma-3-270M 12.3 against 16.5 us;
+    * fill 8,192: with 64 active splits (B = 1) the head-at-a-time combine is faster (23.8 against
+      33.4 us), with 9 to 17 (B = 16) the split-after-split one (52.5 against 58.7 us; Gemma
+      59.1 against 65.4), hence `combine_upto` = 16.
+    Before that, in the compiled step (`benchmarks.tpot` profile, fill ~200): 128-slot chunks
+    spent 19 us a layer at capacity 16,384 against 11 us at capacity 256 (the head-at-a-time
+    combine over a SPLIT_PAD-wide tile).
     """
     block_d = max(16, triton.next_power_of_2(Dh))
     programs = B * Hkv * triton.cdiv(group, _HEADS)
     block_n = 16 if dtype == torch.float32 else 64 if block_d == 128 else 32
-    min_chunk = 4 * block_n if dtype == torch.float32 else max(4 * block_n, 256)
+    min_chunk = 4 * block_n if dtype == torch.float32 else 64
     splits = max(1, min(triton.cdiv(2 * _num_sms(device), programs), triton.cdiv(L, min_chunk),
                         max_splits(block_d)))
     return DecodeBlocks(splits, block_n, block_d, min_chunk, 4, 2)
@@ -71,9 +71,9 @@ def _check_blocks(blk: DecodeBlocks, Dh: int) -> None:
     if not (pow2(blk.block_n) and pow2(blk.block_d) and blk.block_d >= Dh):
         raise ValueError(f"block_n and block_d must be powers of two >= 16, block_d >= Dh={Dh}; "
                          f"got {blk}")
-    if not 1 <= blk.splits <= max_splits(blk.block_d) or blk.min_chunk < 1:
-        raise ValueError(f"splits must be in [1, {max_splits(blk.block_d)}] and min_chunk >= 1, "
-                         f"got {blk}")
+    if not 1 <= blk.splits <= max_splits(blk.block_d) or blk.min_chunk < 1 or blk.combine_upto < 0:
+        raise ValueError(f"splits must be in [1, {max_splits(blk.block_d)}], min_chunk >= 1 and "
+                         f"combine_upto >= 0, got {blk}")
 
 
 def max_splits(block_d: int) -> int:

@@ -63,7 +63,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, out_ptr,
                              GROUP, NG, DH: tl.constexpr, S: tl.constexpr,
                              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_PAD: tl.constexpr,
                              SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
-                             COMBINE_SPLITS: tl.constexpr):
+                             COMBINE_UPTO: tl.constexpr):
     """See the module docstring.  q, out [B, Hq, 1, Dh]; k, v [B, Hkv, L, Dh] (contiguous);
     starts [B] int64; fill [1] int64; partials pm, pl [NP, 16, S] fp32 and pacc [NP, 16, S, Dh]
     fp32 (NP = B * Hkv * NG); count [NP] int32, zero on entry and on exit."""
@@ -96,7 +96,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, out_ptr,
                                           acc, scale32, softcap, DH, BLOCK_N, SOFTCAP, DOT_FP32)
         _finish(out_ptr, pm_ptr, pl_ptr, pacc_ptr, count_ptr, m_i, l_i, acc, hq, g_ok, d, d_ok,
                 pid, s, b, kvh, tile, active, HKV, GROUP, DH, S, BLOCK_D, SPLIT_PAD,
-                COMBINE_SPLITS)
+                COMBINE_UPTO)
 
 
 @triton.jit
@@ -135,6 +135,9 @@ def _attend_block(q, k_ptr, v_ptr, kv_base, j0, j_end, d, d_ok, m_i, l_i, acc, s
     kv_off = kv_base + j.to(tl.int64)[:, None] * DH + d[None, :]
     kv_mask = j_ok[:, None] & d_ok[None, :]
     k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)                  # [BLOCK_N, BLOCK_D]
+    # V is requested with K, before the scores: a short row is a chain of memory round trips,
+    # and this makes a block one of them instead of two.
+    v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)                  # [BLOCK_N, BLOCK_D]
     if DOT_FP32:
         sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
@@ -145,7 +148,6 @@ def _attend_block(q, k_ptr, v_ptr, kv_base, j0, j_end, d, d_ok, m_i, l_i, acc, s
     alpha = tl.exp(m_i - m_new)
     p = tl.exp(sc - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)                  # [BLOCK_N, BLOCK_D]
     if DOT_FP32:
         pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
     else:
@@ -156,10 +158,11 @@ def _attend_block(q, k_ptr, v_ptr, kv_base, j0, j_end, d, d_ok, m_i, l_i, acc, s
 @triton.jit
 def _finish(out_ptr, pm_ptr, pl_ptr, pacc_ptr, count_ptr, m_i, l_i, acc, hq, g_ok, d, d_ok, pid,
             s, b, kvh, tile, active, HKV, GROUP, DH: tl.constexpr, S: tl.constexpr,
-            BLOCK_D: tl.constexpr, SPLIT_PAD: tl.constexpr, COMBINE_SPLITS: tl.constexpr):
+            BLOCK_D: tl.constexpr, SPLIT_PAD: tl.constexpr, COMBINE_UPTO: tl.constexpr):
     """A split's end: with one active split, out[hq] = acc / l (0 where l = 0); else store the
     partials (m, l, acc) of split s and count it; the last split to arrive combines them all
-    (`_combine`, or `_combine_splits` when COMBINE_SPLITS) and resets the counter.  hq [16]
+    (`_combine_splits` when at most COMBINE_UPTO splits are active, else `_combine`) and resets
+    the counter.  hq [16]
     flat (b, query head) indices, g_ok their mask."""
     out_mask = g_ok[:, None] & d_ok[None, :]
     out_off = hq.to(tl.int64)[:, None] * DH + d[None, :]
@@ -176,7 +179,7 @@ def _finish(out_ptr, pm_ptr, pl_ptr, pacc_ptr, count_ptr, m_i, l_i, acc, hq, g_o
         tl.debug_barrier()
         done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
         if done == active - 1:
-            if COMBINE_SPLITS:
+            if active <= COMBINE_UPTO:
                 _combine_splits(pm_ptr, pl_ptr, pacc_ptr, out_ptr, row, out_off, out_mask, g_ok,
                                 d, active, DH, S)
             else:
@@ -197,7 +200,8 @@ def _combine_splits(pm_ptr, pl_ptr, pacc_ptr, out_ptr, row, out_off, out_mask, g
     ll = tl.load(pl_ptr + row * S, mask=g_ok, other=0.0, cache_modifier=".cg")
     acc = tl.load(pacc_ptr + (row * S)[:, None] * DH + d[None, :], mask=out_mask, other=0.0,
                   cache_modifier=".cg")                                                 # [16, BD]
-    for t in range(1, active):
+    # Unrolled so that several splits' loads are in flight at once (each is an L2 round trip).
+    for t in tl.range(1, active, loop_unroll_factor=2):
         mt = tl.load(pm_ptr + row * S + t, mask=g_ok, other=0.0, cache_modifier=".cg")
         lt = tl.load(pl_ptr + row * S + t, mask=g_ok, other=0.0, cache_modifier=".cg")
         at = tl.load(pacc_ptr + (row * S + t)[:, None] * DH + d[None, :], mask=out_mask,
@@ -272,5 +276,5 @@ def triton_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         float(scale), float(softcap), int(window), blk.min_chunk, L, Hkv, group, ng, DH=Dh, S=S,
         BLOCK_D=blk.block_d, BLOCK_N=blk.block_n, SPLIT_PAD=triton.next_power_of_2(S),
         SOFTCAP=softcap > 0, DOT_FP32=q.dtype == torch.float32,
-        COMBINE_SPLITS=blk.combine_splits, num_warps=blk.num_warps, num_stages=blk.num_stages)
+        COMBINE_UPTO=blk.combine_upto, num_warps=blk.num_warps, num_stages=blk.num_stages)
     return out

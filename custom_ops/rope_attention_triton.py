@@ -78,7 +78,7 @@ def _rope_attention_kernel(qkv_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, inv_freq
                            DH: tl.constexpr, S: tl.constexpr, BLOCK_D: tl.constexpr,
                            BLOCK_N: tl.constexpr, SPLIT_PAD: tl.constexpr,
                            HAS_QN: tl.constexpr, HAS_KN: tl.constexpr, SOFTCAP: tl.constexpr,
-                           DOT_FP32: tl.constexpr, COMBINE_SPLITS: tl.constexpr):
+                           DOT_FP32: tl.constexpr, COMBINE_UPTO: tl.constexpr):
     """See the module docstring.  qkv [B, (Hq + 2 * Hkv) * Dh]; k, v caches [B, Hkv, L, Dh]
     (contiguous; slot fill - 1 written); starts [B] int64; fill [1] int64; inv_freq [Dh / 2]
     fp32; q / k norm weights [Dh] when HAS_*; out [B, Hq, 1, Dh]; partials pm, pl [NP, 16, S]
@@ -144,7 +144,7 @@ def _rope_attention_kernel(qkv_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, inv_freq
                                           acc, scale, softcap, DH, BLOCK_N, SOFTCAP, DOT_FP32)
         _finish(out_ptr, pm_ptr, pl_ptr, pacc_ptr, count_ptr, m_i, l_i, acc,
                 (b * HKV + kvh) * GROUP + g, g_ok, d, d_ok, pid, s, b, kvh, tile, active, HKV,
-                GROUP, DH, S, BLOCK_D, SPLIT_PAD, COMBINE_SPLITS)
+                GROUP, DH, S, BLOCK_D, SPLIT_PAD, COMBINE_UPTO)
 
 
 def triton_rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -185,5 +185,5 @@ def triton_rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cac
         group, ng, DH=Dh, S=S, BLOCK_D=blk.block_d, BLOCK_N=blk.block_n,
         SPLIT_PAD=triton.next_power_of_2(S), HAS_QN=q_norm is not None,
         HAS_KN=k_norm is not None, SOFTCAP=softcap > 0, DOT_FP32=qkv.dtype == torch.float32,
-        COMBINE_SPLITS=blk.combine_splits, num_warps=blk.num_warps, num_stages=blk.num_stages)
+        COMBINE_UPTO=blk.combine_upto, num_warps=blk.num_warps, num_stages=blk.num_stages)
     return out

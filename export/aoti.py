@@ -14,8 +14,10 @@ Packages are compiled for the device (and, on CUDA, the GPU architecture) they w
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch.export import ExportedProgram
@@ -39,8 +41,39 @@ def inductor_configs(eager_numerics: bool) -> dict[str, object]:
 
 def package(program: ExportedProgram, path: Path, eager_numerics: bool = True) -> Path:
     """Compile one program with AOTInductor into a .pt2 package at `path`."""
-    return Path(torch._inductor.aoti_compile_and_package(
-        program, package_path=str(path), inductor_configs=inductor_configs(eager_numerics)))
+    with _fresh_int_arrays():
+        return Path(torch._inductor.aoti_compile_and_package(
+            program, package_path=str(path), inductor_configs=inductor_configs(eager_numerics)))
+
+
+@contextlib.contextmanager
+def _fresh_int_arrays() -> Iterator[None]:
+    """Workaround for an AOTInductor codegen bug (torch 2.11 to 2.13 at least; pytorch PR
+    #193621): the C++ wrapper caches the `int_array_N` name of each size/stride list keyed by
+    id() of the buffer it was declared into; once that buffer is freed a new one can get the
+    same id, the cache hits, and the generated wrapper uses a name it never declared (seen on
+    an H200, torch 2.11: the 28-layer R1-1.5B decode step failed to compile with "'int_array_90'
+    was not declared in this scope").  For the duration of our own compile, every list gets a
+    fresh, declared name (a few more lines of C++, the same code otherwise).  Only this
+    process's compile is affected; the method is restored on exit."""
+    try:
+        from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
+    except ImportError:
+        yield
+        return
+    cached = CppWrapperCpu.__dict__.get("codegen_int_array_var")
+    if cached is None or not hasattr(CppWrapperCpu, "_codegen_int_array_var_impl"):
+        yield                                      # another layout: nothing to work around
+        return
+
+    def uncached(self, int_array, writeline, known_statically=False, graph=None):
+        return self._codegen_int_array_var_impl(int_array, writeline, known_statically)
+
+    CppWrapperCpu.codegen_int_array_var = uncached
+    try:
+        yield
+    finally:
+        CppWrapperCpu.codegen_int_array_var = cached
 
 
 def import_onnxruntime_first() -> bool:

@@ -45,8 +45,10 @@ def poison(monkeypatch):
 
 
 def blocks(splits: int, Dh: int, min_chunk: int = 16) -> dat.DecodeBlocks:
-    """Small blocks so a 60-slot cache spans several blocks and splits."""
-    return dat.DecodeBlocks(splits, 16, max(16, triton.next_power_of_2(Dh)), min_chunk, 4, 2)
+    """Small blocks so a 60-slot cache spans several blocks and splits; the head-at-a-time
+    combine (the split-after-split one has its own test)."""
+    return dat.DecodeBlocks(splits, 16, max(16, triton.next_power_of_2(Dh)), min_chunk, 4, 2,
+                            combine_upto=0)
 
 
 def draw(B, Hq, Hkv, L, Dh):
@@ -136,11 +138,13 @@ def test_rope_kv_write_matches_reference(fresh_seed, norm, fill) -> None:
     assert torch.equal(v, v2)
 
 
-@pytest.mark.parametrize("Hq,Hkv,Dh,splits", [(12, 2, 64, 3), (40, 2, 16, 13), (4, 1, 80, 2)])
-def test_split_wise_combine_matches_reference(fresh_seed, Hq, Hkv, Dh, splits) -> None:
-    """DecodeBlocks.combine_splits: the last program folds the partials in split after split
-    for all heads of its tile (two tiles at 40 / 2), windows and soft-cap included."""
-    blk = blocks(splits, Dh)._replace(combine_splits=True)
+@pytest.mark.parametrize("Hq,Hkv,Dh,splits,upto", [(12, 2, 64, 3, 64), (40, 2, 16, 13, 64),
+                                                    (4, 1, 80, 2, 64), (12, 2, 64, 4, 2)])
+def test_split_wise_combine_matches_reference(fresh_seed, Hq, Hkv, Dh, splits, upto) -> None:
+    """DecodeBlocks.combine_upto: the last program folds the partials in split after split
+    for all heads of its tile (two tiles at 40 / 2), windows and soft-cap included; with
+    combine_upto = 2 of 4 splits, the fills below switch between both combines at run time."""
+    blk = blocks(splits, Dh)._replace(combine_upto=upto)
     q, k, v = draw(3, Hq, Hkv, 200, Dh)
     for fill in (1, 37, 150, 200):
         check(q, k, v, [0, 9, 37], fill, blk)

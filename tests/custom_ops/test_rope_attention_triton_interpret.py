@@ -46,8 +46,10 @@ def poison(monkeypatch):
 
 
 def blocks(splits: int, Dh: int) -> dat.DecodeBlocks:
-    """16-slot blocks and chunks, so a 60-slot cache spans several blocks and splits."""
-    return dat.DecodeBlocks(splits, 16, max(16, triton.next_power_of_2(Dh)), 16, 4, 2)
+    """16-slot blocks and chunks, so a 60-slot cache spans several blocks and splits; the
+    head-at-a-time combine (the split-after-split one has its own test)."""
+    return dat.DecodeBlocks(splits, 16, max(16, triton.next_power_of_2(Dh)), 16, 4, 2,
+                            combine_upto=0)
 
 
 def draw(B, Hq, Hkv, L, Dh, norm):
@@ -140,9 +142,9 @@ def test_fill_grows_under_one_launch_configuration(fresh_seed) -> None:
 
 @pytest.mark.parametrize("splits", [2, 4])
 def test_split_wise_combine(fresh_seed, splits) -> None:
-    """DecodeBlocks.combine_splits in the fused kernel: same as the unfused pair and the
+    """DecodeBlocks.combine_upto in the fused kernel: same as the unfused pair and the
     references (the writer of the new slot is a middle split at fill 40 with 4 splits)."""
     qkv, k, v, inv_freq, w = draw(3, 12, 2, 60, 32, norm=True)
-    blk = blocks(splits, 32)._replace(combine_splits=True)
+    blk = blocks(splits, 32)._replace(combine_upto=64)
     for fill in (2, 40, 60):
         check(qkv, k, v, [0, 5, 30], fill, inv_freq, 12, w, blk)
