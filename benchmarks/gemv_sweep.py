@@ -129,6 +129,9 @@ def candidates(shape: GemvShape, B: int, quick: bool) -> list:
             splits = min(MAX_SPLITS, triton.cdiv(w * _SMS, blocks))
             if splits >= 2:
                 out.append(GemvConfig(*tile, splits=splits))
+    if B == 1:                      # each FMA plan also with its weight tiles requested ahead
+        out += [GemvConfig(c.block_b, c.block_n, c.block_k, c.num_warps, 2, c.splits)
+                for c in out if c != COMPOSITE and c.block_b == 1]
     if B > 1:
         out.append(COMPOSITE)
     fitted = [c if c == COMPOSITE else fit_config(c, shape.K, torch.bfloat16) for c in out]

@@ -67,7 +67,8 @@ class GemvConfig:
     block_b: rows of x per tile, 1 (elementwise FMA) or 16/32/64 (tl.dot); block_n: output
     features per program (>= 8 for tl.dot: 16 x 8 x 16 mma tiles); block_k: K chunk per loop step
     (elements of the weight's dtype); num_warps, num_stages: Triton's launch options (num_stages
-    pipelines only the tl.dot loop); splits: programs along K per block of output features, each
+    pipelines only the tl.dot loop; for FMA rows, num_stages >= 2 instead requests each weight
+    tile one loop step ahead, in registers); splits: programs along K per block of output features, each
     reducing a contiguous chunk of K into an fp32 partial that the last of them sums (1: none)."""
     block_b: int
     block_n: int

@@ -140,7 +140,8 @@ def _fused_gemv_kernel(x_ptr, res_ptr, bn_ptr, norm_ptr, w_ptr, bias_ptr, out_pt
                        ws_ptr, count_ptr, B, N, K, S, eps, norm_offset, PROLOGUE: tl.constexpr,
                        HAS_RES: tl.constexpr, HAS_BN: tl.constexpr, HAS_BIAS: tl.constexpr,
                        EVEN_K: tl.constexpr, DOT_IEEE: tl.constexpr, SPLIT: tl.constexpr,
-                       BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       PREFETCH: tl.constexpr):
     """out [B, N] = prologue(x) [B, K] @ weight[N, K]^T (+ bias [N]), fp32 accumulation.
 
     Inputs: x [B, K] ([B, 2K] = [gate | up] for the act-mul prologues), weight [N, K] and out in
@@ -162,7 +163,9 @@ def _fused_gemv_kernel(x_ptr, res_ptr, bn_ptr, norm_ptr, w_ptr, bias_ptr, out_pt
     Cost: N * K * elt bytes of weight read once from HBM for B <= BLOCK_B (the floor: 55 MB for
     the 1.5B model's gate/up, 12.8 us at 4.3 TB/s); per program B * (its K range) * elt of x for
     the act prologues (2x for act-mul), B * K * elt * (2-3 passes) for RMS_NORM, from L1/L2;
-    SPLIT adds 2 * S * B * N * 4 bytes of partials (L2).  Speed per shape and plan:
+    SPLIT adds 2 * S * B * N * 4 bytes of partials (L2).  PREFETCH (BLOCK_B = 1 only): the next
+    weight tile is requested before the current one is used (one tile more in flight per
+    program, in registers), as Triton pipelines only the tl.dot loop.  Speed per shape and plan:
     benchmarks/gemv_sweep.py (first H200 sweep, before split-K: in the 1.5B's down projection at
     B = 1, 17.2 us vs cuBLAS 12.5 us, too few programs with long K loops; at B = 16, 116 us, the
     act-mul re-read per 8-wide block).
@@ -182,6 +185,8 @@ def _fused_gemv_kernel(x_ptr, res_ptr, bn_ptr, norm_ptr, w_ptr, bias_ptr, out_pt
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
         row_ok = rows < B
+        if PREFETCH:                 # the first tile of the K range, in flight during the norm
+            w_next = _w_tile(w_rows, n_ok, k_lo + tl.arange(0, BLOCK_K), k_hi)
         inv_x = tl.zeros((BLOCK_B,), dtype=tl.float32)
         inv_r = tl.zeros((BLOCK_B,), dtype=tl.float32)
         if PROLOGUE == 3:
@@ -197,13 +202,17 @@ def _fused_gemv_kernel(x_ptr, res_ptr, bn_ptr, norm_ptr, w_ptr, bias_ptr, out_pt
             acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
+            if PREFETCH:
+                w = w_next
+                w_next = _w_tile(w_rows, n_ok, k + BLOCK_K, k_hi)      # empty past k_hi
             xk = _x_chunk(x_ptr, res_ptr, bn_ptr, norm_ptr, rows, row_ok, k, K, inv_x, inv_r,
                           norm_offset, PROLOGUE, HAS_RES, HAS_BN, EVEN_K)   # [BLOCK_B, BLOCK_K]
-            if EVEN_K:
-                w = tl.load(w_rows + k[None, :], mask=n_ok[:, None], other=0.0)
-            else:
-                w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & (k < K)[None, :],
-                            other=0.0)                                  # [BLOCK_N, BLOCK_K]
+            if not PREFETCH:
+                if EVEN_K:
+                    w = tl.load(w_rows + k[None, :], mask=n_ok[:, None], other=0.0)
+                else:
+                    w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & (k < K)[None, :],
+                                other=0.0)                              # [BLOCK_N, BLOCK_K]
             if BLOCK_B == 1:
                 acc += w.to(tl.float32) * xk.to(tl.float32)
             elif DOT_IEEE:
@@ -231,6 +240,12 @@ def _fused_gemv_kernel(x_ptr, res_ptr, bn_ptr, norm_ptr, w_ptr, bias_ptr, out_pt
         if done == S - 1:
             _sum_splits(ws_ptr, bias_ptr, out_ptr, n, n_ok, B, N, S, HAS_BIAS, BLOCK_B, BLOCK_N)
             tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed")          # clean for the next call
+
+
+@triton.jit
+def _w_tile(w_rows, n_ok, k, k_hi):
+    """Weight tile [BLOCK_N, BLOCK_K] of columns k (zeros at and past k_hi)."""
+    return tl.load(w_rows + k[None, :], mask=n_ok[:, None] & (k < k_hi)[None, :], other=0.0)
 
 
 @triton.jit
@@ -285,6 +300,7 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, prologue: int, *,
     if statically_known_true(B == 0):
         return out, rout
     nb, S = triton.cdiv(N, plan.block_n), plan.splits
+    prefetch = plan.block_b == 1 and plan.num_stages > 1
     ws = _empty((S, B, N), torch.float32, dev) if S > 1 else out        # ws: [S, B, N] fp32
     count = (counters_mod.workspace(counters, nb, dev, counters_mod.is_traced(x)) if S > 1
              else out)                                                  # count: [>= nb] int32
@@ -298,8 +314,8 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, prologue: int, *,
         PROLOGUE=prologue, HAS_RES=residual is not None, HAS_BN=branch_norm is not None,
         HAS_BIAS=bias is not None, EVEN_K=statically_known_true(K % plan.block_k == 0),
         DOT_IEEE=dt == torch.float32, SPLIT=S > 1, BLOCK_B=plan.block_b,
-        BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, num_warps=plan.num_warps,
-        num_stages=plan.num_stages)
+        BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, PREFETCH=prefetch,
+        num_warps=plan.num_warps, num_stages=1 if prefetch else plan.num_stages)
     return out, rout
 
 

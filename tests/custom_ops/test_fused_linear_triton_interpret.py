@@ -28,9 +28,11 @@ from triton_poison import poisoned_empty  # noqa: E402
 
 pytestmark = pytest.mark.interpret
 N, K = 40, 96           # N not a multiple of any block_n used; K not a power of two
-# One K step and several (EVEN_K and masked K tails); FMA rows (block_b 1) and tl.dot tiles.
+# One K step and several (EVEN_K and masked K tails); FMA rows (block_b 1: num_stages 2 requests
+# the next weight tile ahead, 1 does not) and tl.dot tiles.
 CONFIGS = {
     "fma_k32": GemvConfig(1, 16, 32),
+    "fma_k32_no_prefetch": GemvConfig(1, 16, 32, 4, 1),
     "fma_k64_tail": GemvConfig(1, 8, 64),
     "dot16_k32": GemvConfig(16, 16, 32),
     "dot32_k64_tail": GemvConfig(32, 32, 64),
@@ -115,6 +117,7 @@ def test_empty_batch() -> None:
 SPLITS = {
     "fma_s3": GemvConfig(1, 16, 32, splits=3),
     "fma_s2_tail": GemvConfig(1, 8, 64, splits=2),
+    "fma_s2_tail_no_prefetch": GemvConfig(1, 8, 64, 4, 1, splits=2),
     "dot16_s4_empty": GemvConfig(16, 16, 32, splits=4),
     "dot32_s2_tail": GemvConfig(32, 8, 64, splits=2),
 }
