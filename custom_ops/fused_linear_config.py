@@ -39,11 +39,15 @@ _SMS = 132          # programs per wave on an H100/H200
 #   R1-1.5B  qkv 5.4 vs 5.5 | o 4.1 vs 6.5 | gate/up 18.2 vs 17.2 | down 11.9 vs 12.0 (B = 1);
 #            B = 16: composite 7.4 / 5.2 / 19.7 / 14.0 vs cuBLAS 5.5 / 5.2 / 17.7 / 12.3
 #   Gemma    qkv 4.4 vs 4.1 | o 2.3 vs 4.4 | gate/up 5.5 vs 4.4 (B = 1)
+# Then `gemv_sweep --quick --batch 1` (same card, 2026-11-30, evening), with weight tiles
+# requested ahead (num_stages 2 of FMA plans): R1 qkv 5.2 vs 5.5, o 3.9 vs 6.4 (both prefetching,
+# 4 x 1024 tiles); gate/up and down unchanged (17.9, 12.2: prefetching did not help them);
+# Gemma qkv 4.0 vs 4.1 (prefetching), down 3.7 vs 6.3, head 84.5 vs cuBLAS 80.2.
 GEMV_CONFIGS: dict[tuple[str, int, int, str], Union[tuple[int, ...], str]] = {
     # DeepSeek-R1-Distill-Qwen-1.5B / Qwen2.5-1.5B: D 1536, 12 + 2 + 2 heads of 128, I 8960
-    ("rms_norm", 2048, 1536, "b1"): (1, 8, 512, 4, 1, 1),
+    ("rms_norm", 2048, 1536, "b1"): (1, 4, 1024, 4, 2, 1),
     ("rms_norm", 2048, 1536, "b16"): COMPOSITE,
-    ("none", 1536, 1536, "b1"): (1, 8, 512, 4, 1, 1),
+    ("none", 1536, 1536, "b1"): (1, 4, 1024, 4, 2, 1),
     ("none", 1536, 1536, "b16"): COMPOSITE,
     ("rms_norm", 17920, 1536, "b1"): (1, 8, 512, 4, 1, 1),
     ("rms_norm", 17920, 1536, "b16"): COMPOSITE,
@@ -52,11 +56,13 @@ GEMV_CONFIGS: dict[tuple[str, int, int, str], Union[tuple[int, ...], str]] = {
     ("none", 151936, 1536, "b1"): (1, 8, 512, 4, 1, 1),
     ("none", 151936, 1536, "b16"): (16, 64, 128, 4, 3, 1),
     # Gemma-3-270M: D 640, 4 + 1 + 1 heads of 256, I 2048
-    ("rms_norm", 1536, 640, "b1"): (1, 8, 512, 4, 1, 1),
+    ("rms_norm", 1536, 640, "b1"): (1, 4, 1024, 4, 2, 1),
     ("rms_norm", 1536, 640, "b16"): COMPOSITE,
     ("none", 640, 1024, "b1"): (1, 2, 1024, 4, 1, 1),
     ("none", 640, 1024, "b16"): (16, 8, 128, 4, 4, 1),
     ("rms_norm", 4096, 640, "b1"): (1, 8, 512, 4, 1, 1),
+    ("gelu_tanh_mul", 640, 2048, "b1"): (1, 2, 2048, 4, 1, 1),
+    ("none", 262144, 640, "b1"): (1, 16, 256, 4, 1, 1),
 }
 
 
