@@ -71,7 +71,8 @@ def test_lm_heads(fresh_seed, shape, B) -> None:
 
 # Every tile kind at a narrow and a wide shape: FMA rows at B > 1 (a loop over rows), padded
 # tl.dot tiles at B = 1, 16-64-row tiles, B = 130 (loops over 64-row blocks), masked K tails.
-CONFIGS = [GemvConfig(1, 2, 2048, 4, 1), GemvConfig(1, 16, 512, 8, 1), GemvConfig(16, 8, 256),
+CONFIGS = [GemvConfig(1, 2, 2048, 4, 1), GemvConfig(1, 16, 512, 8, 1), GemvConfig(1, 4, 1024, 4, 2),
+           GemvConfig(16, 8, 256),
            GemvConfig(16, 64, 128, 4, 3), GemvConfig(32, 16, 256, 4, 3),
            GemvConfig(64, 8, 128, 8, 3), GemvConfig(16, 16, 1024, 4, 2)]
 
@@ -171,7 +172,8 @@ def split_configs(B: int) -> list[GemvConfig]:
     """K-split tiles of each kind for a batch of B rows: FMA rows at B = 1, tl.dot tiles above
     (a 64- and a 128-wide block), several splits each."""
     if B == 1:
-        return [GemvConfig(1, 8, 512, 4, 1, splits=4), GemvConfig(1, 16, 256, 4, 1, splits=9)]
+        return [GemvConfig(1, 8, 512, 4, 1, splits=4), GemvConfig(1, 16, 256, 4, 1, splits=9),
+                GemvConfig(1, 8, 512, 4, 2, splits=4)]
     bb = 16 if B <= 16 else 32 if B <= 32 else 64
     return [GemvConfig(bb, 64, 128, 4, 3, splits=6), GemvConfig(bb, 128, 128, 8, 3, splits=3)]
 
