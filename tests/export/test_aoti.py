@@ -57,3 +57,27 @@ def test_aoti_cpu_package_reproduces_eager_tokens(tiny_checkpoint, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert torch.equal(torch.load(tmp_path / "ids.pt"), expected)
     assert MAX_SEQ_LEN == state["kv0_k"].shape[2]
+
+
+def test_fresh_int_arrays_declares_every_list_and_restores_the_wrapper():
+    """The workaround for Inductor's int-array name cache (export/aoti.py): inside, two lists
+    with the same values get two names, each declared through the writer it was asked for;
+    outside (also after an error) the cached method is back."""
+    from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
+
+    from export.aoti import _fresh_int_arrays
+
+    cached = CppWrapperCpu.__dict__["codegen_int_array_var"]
+    wrapper = CppWrapperCpu.__new__(CppWrapperCpu)       # no graph: only the name counter
+    wrapper.int_array_id = iter(range(100))
+    wrapper.declared_int_array_vars = set()
+    lines: list[str] = []
+    with _fresh_int_arrays():
+        a = wrapper.codegen_int_array_var("{2L, 3L}", lines.append)
+        b = wrapper.codegen_int_array_var("{2L, 3L}", lines.append)
+    assert a != b
+    assert [ln.split("[]")[0].split()[-1] for ln in lines] == [a, b]
+    assert CppWrapperCpu.__dict__["codegen_int_array_var"] is cached
+    with pytest.raises(RuntimeError), _fresh_int_arrays():
+        raise RuntimeError("compile failed")
+    assert CppWrapperCpu.__dict__["codegen_int_array_var"] is cached
