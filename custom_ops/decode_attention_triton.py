@@ -24,7 +24,7 @@ Bytes moved per call: 2 * B * Hkv * n * Dh * elt (K and V of the valid slots, ea
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import triton
@@ -162,8 +162,7 @@ def _finish(out_ptr, pm_ptr, pl_ptr, pacc_ptr, count_ptr, m_i, l_i, acc, hq, g_o
     """A split's end: with one active split, out[hq] = acc / l (0 where l = 0); else store the
     partials (m, l, acc) of split s and count it; the last split to arrive combines them all
     (`_combine_splits` when at most COMBINE_UPTO splits are active, else `_combine`) and resets
-    the counter.  hq [16]
-    flat (b, query head) indices, g_ok their mask."""
+    the counter.  hq [16] flat (b, query head) indices, g_ok their mask."""
     out_mask = g_ok[:, None] & d_ok[None, :]
     out_off = hq.to(tl.int64)[:, None] * DH + d[None, :]
     if active <= 1:                            # the whole range was this program's
@@ -241,6 +240,31 @@ def _combine(pm_ptr, pl_ptr, pacc_ptr, out_ptr, pid, b, kvh, tile, active, HKV, 
         tl.store(out_ptr + hq.to(tl.int64) * DH + d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
+class SplitBuffers(NamedTuple):
+    """Launch settings and split-K buffers of one call of either attention kernel (this one and
+    custom_ops/rope_attention_triton.py).  Grid (NP, blk.splits), NP = B * Hkv * ng."""
+    blk: DecodeBlocks
+    ng: int                   # NG: tiles of 16 query heads per kv head
+    part_m: torch.Tensor      # [NP, 16, S] fp32: the splits' running maxima
+    part_l: torch.Tensor      # [NP, 16, S] fp32: their sums
+    part_acc: torch.Tensor    # [NP, 16, S, Dh] fp32: their unnormalized outputs (A <= S used)
+    count: torch.Tensor       # [>= NP] int32, zero (custom_ops.counters.workspace)
+
+
+def split_buffers(B: int, Hkv: int, group: int, L: int, Dh: int, dtype: torch.dtype,
+                  device: torch.device, blocks: Optional[DecodeBlocks],
+                  counters: Optional[torch.Tensor], traced: bool) -> SplitBuffers:
+    """`blocks` (checked) or `decode_blocks`, and the partials and counters the kernel needs."""
+    blk = blocks or decode_blocks(B, Hkv, group, L, Dh, dtype, device)
+    _check_blocks(blk, Dh)
+    ng = triton.cdiv(group, _HEADS)
+    NP, S = B * Hkv * ng, blk.splits
+    return SplitBuffers(blk, ng, _empty((NP, _HEADS, S), torch.float32, device),
+                        _empty((NP, _HEADS, S), torch.float32, device),
+                        _empty((NP, _HEADS, S, Dh), torch.float32, device),
+                        workspace(counters, NP, device, traced))
+
+
 def triton_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             starts: torch.Tensor, fill: torch.Tensor, scale: float,
                             window: int = 0, softcap: float = 0.0, *,
@@ -261,19 +285,13 @@ def triton_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     out = _empty((B, Hq, 1, Dh), q.dtype, dev)                           # out: [B, Hq, 1, Dh]
     if B == 0 or Hq == 0:
         return out
-    blk = blocks or decode_blocks(B, Hkv, group, L, Dh, q.dtype, dev)
-    _check_blocks(blk, Dh)
-    ng = triton.cdiv(group, _HEADS)
-    NP, S = B * Hkv * ng, blk.splits
     q = q.contiguous()
-    # Partials of the splits, fp32: m, l [NP, 16, S]; acc [NP, 16, S, Dh] (only A <= S used).
-    part_m = _empty((NP, _HEADS, S), torch.float32, dev)
-    part_l = _empty((NP, _HEADS, S), torch.float32, dev)
-    part_acc = _empty((NP, _HEADS, S, Dh), torch.float32, dev)
-    count = workspace(counters, NP, dev, is_traced(q))                  # count: [>= NP] int32
-    _launch(_decode_attention_kernel, (NP, S))(
-        q, k_cache, v_cache, starts, fill.reshape(1), out, part_m, part_l, part_acc, count,
-        float(scale), float(softcap), int(window), blk.min_chunk, L, Hkv, group, ng, DH=Dh, S=S,
+    sb = split_buffers(B, Hkv, group, L, Dh, q.dtype, dev, blocks, counters, is_traced(q))
+    blk, S = sb.blk, sb.blk.splits
+    _launch(_decode_attention_kernel, (sb.part_m.shape[0], S))(
+        q, k_cache, v_cache, starts, fill.reshape(1), out, sb.part_m, sb.part_l, sb.part_acc,
+        sb.count, float(scale), float(softcap), int(window), blk.min_chunk, L, Hkv, group, sb.ng,
+        DH=Dh, S=S,
         BLOCK_D=blk.block_d, BLOCK_N=blk.block_n, SPLIT_PAD=triton.next_power_of_2(S),
         SOFTCAP=softcap > 0, DOT_FP32=q.dtype == torch.float32,
         COMBINE_UPTO=blk.combine_upto, num_warps=blk.num_warps, num_stages=blk.num_stages)

@@ -74,8 +74,9 @@ class GemvConfig:
     features per program (>= 8 for tl.dot: 16 x 8 x 16 mma tiles); block_k: K chunk per loop step
     (elements of the weight's dtype); num_warps, num_stages: Triton's launch options (num_stages
     pipelines only the tl.dot loop; for FMA rows, num_stages >= 2 instead requests each weight
-    tile one loop step ahead, in registers); splits: programs along K per block of output features, each
-    reducing a contiguous chunk of K into an fp32 partial that the last of them sums (1: none)."""
+    tile one loop step ahead, in registers); splits: programs along K per block of output
+    features, each reducing a contiguous chunk of K into an fp32 partial that the last of them
+    sums (1: none)."""
     block_b: int
     block_n: int
     block_k: int

@@ -211,8 +211,7 @@ def _fused_gemv_kernel(x_ptr, res_ptr, bn_ptr, norm_ptr, w_ptr, bias_ptr, out_pt
                 if EVEN_K:
                     w = tl.load(w_rows + k[None, :], mask=n_ok[:, None], other=0.0)
                 else:
-                    w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & (k < K)[None, :],
-                                other=0.0)                              # [BLOCK_N, BLOCK_K]
+                    w = _w_tile(w_rows, n_ok, k, K)                     # [BLOCK_N, BLOCK_K]
             if BLOCK_B == 1:
                 acc += w.to(tl.float32) * xk.to(tl.float32)
             elif DOT_IEEE:
@@ -264,8 +263,6 @@ def _sum_splits(ws_ptr, bias_ptr, out_ptr, n, n_ok, B, N, S, HAS_BIAS: tl.conste
         if HAS_BIAS:
             y += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + out, y.to(out_ptr.dtype.element_ty), mask=out_mask)
-
-
 
 
 def fused_gemv(x: torch.Tensor, weight: torch.Tensor, prologue: int, *,

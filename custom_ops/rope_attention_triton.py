@@ -23,9 +23,9 @@ Bytes moved: decode_attention's (K and V of the valid slots once, q and out, L2-
 partials) + the q heads of qkv, read twice per split (lane and partner; L2-resident), the new k
 and v read and written by one split; the rope op's q_out round trip (B * Hq * Dh elements
 written and read) and its launch are gone.
-Offline sm_90 builds at 4 warps: triton 3.6 (the GPU's) 241-255 registers at Dh 128 / 256 bf16
-(the unfused kernel: 254), no spills; triton 3.9: 168 (a 4-byte spill; unfused: 168), 96 at
-Dh 64.  Not yet timed on a GPU.
+Offline sm_90 builds at 4 warps, triton 3.6 (the GPU's): 233-255 registers at Dh 128 / 256
+bf16, no spills.  Timed in the compiled R1-1.5B step on an H200 (fill ~150, B = 1): 7.0 us a
+layer (custom_ops/decode_attention_config.py has the launch settings' measurements).
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ import torch
 import triton
 import triton.language as tl
 
-from custom_ops.counters import is_traced, workspace
-from custom_ops.decode_attention_triton import (_HEADS, DecodeBlocks, _attend_block,
-                                                _check_blocks, _empty, _finish, _launch,
-                                                _scaled_scores, _split_range, decode_blocks)
+from custom_ops.counters import is_traced
+from custom_ops.decode_attention_triton import (DecodeBlocks, _attend_block, _empty, _finish,
+                                                _launch, _scaled_scores, _split_range,
+                                                split_buffers)
 
 
 @triton.jit
@@ -166,23 +166,16 @@ def triton_rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cac
     out = _empty((B, Hq, 1, Dh), qkv.dtype, dev)                         # out: [B, Hq, 1, Dh]
     if B == 0:
         return out
-    blk = blocks or decode_blocks(B, Hkv, group, L, Dh, qkv.dtype, dev)
-    _check_blocks(blk, Dh)
-    ng = triton.cdiv(group, _HEADS)
-    NP, S = B * Hkv * ng, blk.splits
-    # Partials of the splits, fp32: m, l [NP, 16, S]; acc [NP, 16, S, Dh] (only A <= S used).
-    part_m = _empty((NP, _HEADS, S), torch.float32, dev)
-    part_l = _empty((NP, _HEADS, S), torch.float32, dev)
-    part_acc = _empty((NP, _HEADS, S, Dh), torch.float32, dev)
-    count = workspace(counters, NP, dev, is_traced(qkv))                # count: [>= NP] int32
+    sb = split_buffers(B, Hkv, group, L, Dh, qkv.dtype, dev, blocks, counters, is_traced(qkv))
+    blk, S = sb.blk, sb.blk.splits
     # A missing norm weight is never read; inv_freq stands in (read-only: no aliasing with the
     # written caches for Inductor).
-    _launch(_rope_attention_kernel, (NP, S))(
+    _launch(_rope_attention_kernel, (sb.part_m.shape[0], S))(
         qkv, k_cache, v_cache, starts, fill.reshape(1), inv_freq,
         q_norm if q_norm is not None else inv_freq, k_norm if k_norm is not None else inv_freq,
-        out, part_m, part_l, part_acc, count, float(attn_scaling), float(eps),
+        out, sb.part_m, sb.part_l, sb.part_acc, sb.count, float(attn_scaling), float(eps),
         float(norm_offset), float(scale), float(softcap), int(window), blk.min_chunk, L, Hkv,
-        group, ng, DH=Dh, S=S, BLOCK_D=blk.block_d, BLOCK_N=blk.block_n,
+        group, sb.ng, DH=Dh, S=S, BLOCK_D=blk.block_d, BLOCK_N=blk.block_n,
         SPLIT_PAD=triton.next_power_of_2(S), HAS_QN=q_norm is not None,
         HAS_KN=k_norm is not None, SOFTCAP=softcap > 0, DOT_FP32=qkv.dtype == torch.float32,
         COMBINE_UPTO=blk.combine_upto, num_warps=blk.num_warps, num_stages=blk.num_stages)

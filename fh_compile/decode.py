@@ -122,8 +122,8 @@ def check_forward_attention(forward: str, attention: str) -> None:
 class StepInfo:
     """Which decoder forward a DecodeStep runs.  forward: "fast" or "hf"; attention: the decode
     attention ("flashhead::rope_decode_attention" / "flashhead::decode_attention" or
-    transformers' implementation name); reason: why
-    the fast forward is not used (None when it is)."""
+    transformers' implementation name); reason: why the fast forward is not used (None when
+    it is)."""
 
     forward: str
     attention: str
