@@ -141,7 +141,7 @@ def _fused_gemv_kernel(x_ptr, res_ptr, bn_ptr, norm_ptr, w_ptr, bias_ptr, out_pt
                        HAS_RES: tl.constexpr, HAS_BN: tl.constexpr, HAS_BIAS: tl.constexpr,
                        EVEN_K: tl.constexpr, DOT_IEEE: tl.constexpr, SPLIT: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PREFETCH: tl.constexpr):
+                       PREFETCH: tl.constexpr, ONE_PASS: tl.constexpr):
     """out [B, N] = prologue(x) [B, K] @ weight[N, K]^T (+ bias [N]), fp32 accumulation.
 
     Inputs: x [B, K] ([B, 2K] = [gate | up] for the act-mul prologues), weight [N, K] and out in
@@ -152,7 +152,9 @@ def _fused_gemv_kernel(x_ptr, res_ptr, bn_ptr, norm_ptr, w_ptr, bias_ptr, out_pt
       RMS_NORM: b = x or round(rms(x) * (norm_offset + branch_norm)); r = round(b + residual) or
         b -> residual_out; input = round(rms(r) * (norm_offset + norm)), rms(v) = v / sqrt(mean
         (v^2) + eps).  Each program first sums r^2 over all of K per row (and x^2 before it with
-        HAS_BN), then normalizes each chunk of its K range in the main loop.
+        HAS_BN), then normalizes each chunk of its K range in the main loop; ONE_PASS (FMA rows
+        without splits, `_rms_norm_row`) applies the norms' scales after the sums instead, in a
+        single pass that does not round the input.
       SILU_MUL / GELU_TANH_MUL: input = round(act(gate) * up); NONE: input = x.
     Grid (cdiv(N, BLOCK_N), S).  SPLIT (S > 1): program (j, s) covers K columns [s c, (s + 1) c)
     with c = ceil(ceil(K / S) / BLOCK_K) BLOCK_K, stores fp32 partials to ws [S, B, N], and the
@@ -185,43 +187,15 @@ def _fused_gemv_kernel(x_ptr, res_ptr, bn_ptr, norm_ptr, w_ptr, bias_ptr, out_pt
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
         row_ok = rows < B
-        if PREFETCH:                 # the first tile of the K range, in flight during the norm
-            w_next = _w_tile(w_rows, n_ok, k_lo + tl.arange(0, BLOCK_K), k_hi)
-        inv_x = tl.zeros((BLOCK_B,), dtype=tl.float32)
-        inv_r = tl.zeros((BLOCK_B,), dtype=tl.float32)
-        if PROLOGUE == 3:
-            if HAS_BN:
-                inv_x = _inv_rms(x_ptr, res_ptr, bn_ptr, rout_ptr, rows, row_ok, K, eps, inv_x,
-                                 norm_offset, 0, False, HAS_RES, HAS_BN, BLOCK_B, BLOCK_K)
-            write_rows = tl.where((pid == 0) & (s == 0), B, 0)  # one program writes residual_out
-            inv_r = _inv_rms(x_ptr, res_ptr, bn_ptr, rout_ptr, rows, row_ok, K, eps, inv_x,
-                             norm_offset, write_rows, True, HAS_RES, HAS_BN, BLOCK_B, BLOCK_K)
-        if BLOCK_B == 1:
-            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        if ONE_PASS:
+            write_rows = tl.where(pid == 0, B, 0)               # one program writes residual_out
+            y = _rms_norm_row(x_ptr, res_ptr, bn_ptr, norm_ptr, rout_ptr, w_rows, n_ok, rows,
+                              row_ok, K, eps, norm_offset, write_rows, HAS_RES, HAS_BN, EVEN_K,
+                              BLOCK_N, BLOCK_K, PREFETCH)
         else:
-            acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            if PREFETCH:
-                w = w_next
-                w_next = _w_tile(w_rows, n_ok, k + BLOCK_K, k_hi)      # empty past k_hi
-            xk = _x_chunk(x_ptr, res_ptr, bn_ptr, norm_ptr, rows, row_ok, k, K, inv_x, inv_r,
-                          norm_offset, PROLOGUE, HAS_RES, HAS_BN, EVEN_K)   # [BLOCK_B, BLOCK_K]
-            if not PREFETCH:
-                if EVEN_K:
-                    w = tl.load(w_rows + k[None, :], mask=n_ok[:, None], other=0.0)
-                else:
-                    w = _w_tile(w_rows, n_ok, k, K)                     # [BLOCK_N, BLOCK_K]
-            if BLOCK_B == 1:
-                acc += w.to(tl.float32) * xk.to(tl.float32)
-            elif DOT_IEEE:
-                acc = tl.dot(xk, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xk, tl.trans(w), acc)
-        if BLOCK_B == 1:
-            y = tl.sum(acc, axis=1)[None, :]                                # [1, BLOCK_N]
-        else:
-            y = acc                                                         # [BLOCK_B, BLOCK_N]
+            y = _gemv_rows(x_ptr, res_ptr, bn_ptr, norm_ptr, rout_ptr, w_rows, n_ok, rows, row_ok,
+                           pid, s, B, K, k_lo, k_hi, eps, norm_offset, PROLOGUE, HAS_RES, HAS_BN,
+                           EVEN_K, DOT_IEEE, BLOCK_B, BLOCK_N, BLOCK_K, PREFETCH)
         out = rows[:, None].to(tl.int64) * N + n[None, :]
         out_mask = row_ok[:, None] & n_ok[None, :]
         if SPLIT:                                   # partial of split s: ws[s, rows, n]
@@ -239,6 +213,132 @@ def _fused_gemv_kernel(x_ptr, res_ptr, bn_ptr, norm_ptr, w_ptr, bias_ptr, out_pt
         if done == S - 1:
             _sum_splits(ws_ptr, bias_ptr, out_ptr, n, n_ok, B, N, S, HAS_BIAS, BLOCK_B, BLOCK_N)
             tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed")          # clean for the next call
+
+
+@triton.jit
+def _gemv_rows(x_ptr, res_ptr, bn_ptr, norm_ptr, rout_ptr, w_rows, n_ok, rows, row_ok, pid, s, B,
+               K, k_lo, k_hi, eps, norm_offset, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr,
+               HAS_BN: tl.constexpr, EVEN_K: tl.constexpr, DOT_IEEE: tl.constexpr,
+               BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               PREFETCH: tl.constexpr):
+    """y [BLOCK_B, BLOCK_N] fp32: the given rows' prologue(x) over K columns [k_lo, k_hi) times
+    the weight rows w_rows (no bias); RMS_NORM first sums squares over all of K (and writes
+    residual_out from program (0, 0))."""
+    if PREFETCH:                 # the first tile of the K range, in flight during the norm
+        w_next = _w_tile(w_rows, n_ok, k_lo + tl.arange(0, BLOCK_K), k_hi)
+    inv_x = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    inv_r = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    if PROLOGUE == 3:
+        if HAS_BN:
+            inv_x = _inv_rms(x_ptr, res_ptr, bn_ptr, rout_ptr, rows, row_ok, K, eps, inv_x,
+                             norm_offset, 0, False, HAS_RES, HAS_BN, BLOCK_B, BLOCK_K)
+        write_rows = tl.where((pid == 0) & (s == 0), B, 0)  # one program writes residual_out
+        inv_r = _inv_rms(x_ptr, res_ptr, bn_ptr, rout_ptr, rows, row_ok, K, eps, inv_x,
+                         norm_offset, write_rows, True, HAS_RES, HAS_BN, BLOCK_B, BLOCK_K)
+    if BLOCK_B == 1:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        if PREFETCH:
+            w = w_next
+            w_next = _w_tile(w_rows, n_ok, k + BLOCK_K, k_hi)      # empty past k_hi
+        xk = _x_chunk(x_ptr, res_ptr, bn_ptr, norm_ptr, rows, row_ok, k, K, inv_x, inv_r,
+                      norm_offset, PROLOGUE, HAS_RES, HAS_BN, EVEN_K)   # [BLOCK_B, BLOCK_K]
+        if not PREFETCH:
+            if EVEN_K:
+                w = tl.load(w_rows + k[None, :], mask=n_ok[:, None], other=0.0)
+            else:
+                w = _w_tile(w_rows, n_ok, k, K)                     # [BLOCK_N, BLOCK_K]
+        if BLOCK_B == 1:
+            acc += w.to(tl.float32) * xk.to(tl.float32)
+        elif DOT_IEEE:
+            acc = tl.dot(xk, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xk, tl.trans(w), acc)
+    if BLOCK_B == 1:
+        y = tl.sum(acc, axis=1)[None, :]                                # [1, BLOCK_N]
+    else:
+        y = acc                                                         # [BLOCK_B, BLOCK_N]
+    return y
+
+
+@triton.jit
+def _rms_norm_row(x_ptr, res_ptr, bn_ptr, norm_ptr, rout_ptr, w_rows, n_ok, rows, row_ok, K, eps,
+                  norm_offset, write_rows, HAS_RES: tl.constexpr, HAS_BN: tl.constexpr,
+                  EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  PREFETCH: tl.constexpr):
+    """ONE_PASS: the RMS_NORM GEMV of one row (rows [1]) in a single pass over K, y [1, BLOCK_N]
+    fp32 (no bias).  The norms' scales are scalars of the row, so they are applied after the
+    sums: y = inv_r * sum_k w[n, k] r[k] g[k] (g = norm_offset + norm), with inv_r from the same
+    pass's sum of r^2.  With a branch norm (r = x inv_x bn' + res, bn' = norm_offset +
+    branch_norm), y = inv_r (inv_x sum w (x bn') g + sum w res g) and sum r^2 = inv_x^2 sum
+    (x bn')^2 + 2 inv_x sum (x bn') res + sum res^2.  So weight loads start at once instead of
+    after one or two passes over x (a chain of L2 round trips per program), and the input is
+    not rounded to x's dtype before the product (the reference rounds b, r and y; r is rounded
+    here only without a branch norm, where it needs no scale).  residual_out: rows < write_rows
+    (all in program 0, none elsewhere); with a branch norm, by a second pass once inv_x is
+    known."""
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)      # sum w * (x bn' or r) * g
+    acc_res = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # sum w * res * g (branch norm)
+    s_xx = tl.zeros((1, BLOCK_K), dtype=tl.float32)
+    s_aa = tl.zeros((1, BLOCK_K), dtype=tl.float32)
+    s_ab = tl.zeros((1, BLOCK_K), dtype=tl.float32)
+    s_bb = tl.zeros((1, BLOCK_K), dtype=tl.float32)
+    unit = tl.full((1,), 1.0, tl.float32)                     # r's scale without a branch norm
+    if PREFETCH:
+        w_next = _w_tile(w_rows, n_ok, tl.arange(0, BLOCK_K), K)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        if PREFETCH:
+            w = w_next
+            w_next = _w_tile(w_rows, n_ok, k + BLOCK_K, K)           # empty past K
+        elif EVEN_K:
+            w = tl.load(w_rows + k[None, :], mask=n_ok[:, None], other=0.0)
+        else:
+            w = _w_tile(w_rows, n_ok, k, K)                          # [BLOCK_N, BLOCK_K]
+        k_ok = k < K
+        mask = row_ok[:, None] & k_ok[None, :]
+        off = rows[:, None].to(tl.int64) * K + k[None, :]
+        g = norm_offset + tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        wf = w.to(tl.float32)
+        if HAS_BN:
+            xv = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            a = xv * (norm_offset + tl.load(bn_ptr + k, mask=k_ok, other=0.0).to(tl.float32))
+            s_xx += xv * xv
+            s_aa += a * a
+            acc += wf * (a * g)
+            if HAS_RES:
+                res = tl.load(res_ptr + off, mask=mask, other=0.0).to(tl.float32)
+                s_ab += a * res
+                s_bb += res * res
+                acc_res += wf * (res * g)
+        else:
+            r = _residual_chunk(x_ptr, res_ptr, bn_ptr, rows, k, mask, K, unit, norm_offset,
+                                HAS_RES, False)                      # [1, BLOCK_K], rounded
+            tl.store(rout_ptr + off, r.to(rout_ptr.dtype.element_ty),
+                     mask=mask & (rows < write_rows)[:, None])
+            s_aa += r * r
+            acc += wf * (r * g)
+    if HAS_BN:
+        inv_x = 1.0 / tl.sqrt(tl.sum(s_xx, axis=1) / K + eps)                     # [1]
+        ss = inv_x * inv_x * tl.sum(s_aa, axis=1)
+        if HAS_RES:
+            ss += 2.0 * inv_x * tl.sum(s_ab, axis=1) + tl.sum(s_bb, axis=1)
+        inv_r = 1.0 / tl.sqrt(tl.maximum(ss, 0.0) / K + eps)
+        y = inv_r * (inv_x * tl.sum(acc, axis=1) + tl.sum(acc_res, axis=1))       # [BLOCK_N]
+        if write_rows > 0:                   # residual_out, now that inv_x is known
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                mask = row_ok[:, None] & (k < K)[None, :]
+                r = _residual_chunk(x_ptr, res_ptr, bn_ptr, rows, k, mask, K, inv_x,
+                                    norm_offset, HAS_RES, True)
+                tl.store(rout_ptr + rows[:, None].to(tl.int64) * K + k[None, :],
+                         r.to(rout_ptr.dtype.element_ty), mask=mask)
+    else:
+        y = tl.sum(acc, axis=1) / tl.sqrt(tl.sum(s_aa, axis=1) / K + eps)
+    return y[None, :]                                                              # [1, BLOCK_N]
 
 
 @triton.jit
@@ -312,6 +412,7 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, prologue: int, *,
         HAS_BIAS=bias is not None, EVEN_K=statically_known_true(K % plan.block_k == 0),
         DOT_IEEE=dt == torch.float32, SPLIT=S > 1, BLOCK_B=plan.block_b,
         BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, PREFETCH=prefetch,
+        ONE_PASS=prologue == RMS_NORM and plan.block_b == 1 and S == 1,
         num_warps=plan.num_warps, num_stages=1 if prefetch else plan.num_stages)
     return out, rout
 
