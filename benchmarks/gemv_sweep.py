@@ -28,7 +28,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -101,7 +101,8 @@ def candidates(shape: GemvShape, B: int, quick: bool) -> list:
     other kind for comparison (tiles giving fewer than 64 programs, half an H100/H200's SMs, are
     skipped, except the narrowest); K splits of a few tiles that bring the grid to 2-8 (B = 1)
     or 1-4 (B > 1) programs per SM, for shapes with few blocks of output features; COMPOSITE at
-    B > 1."""
+    B > 1.  At B = 1 every FMA plan also requests its weight tiles ahead (num_stages 2), and
+    with the RMSNorm prologue every one without splits also runs it in one pass (one_pass)."""
     import triton
 
     from custom_ops.fused_linear_config import (_SMS, COMPOSITE, MAX_SPLITS, GemvConfig,
@@ -132,6 +133,9 @@ def candidates(shape: GemvShape, B: int, quick: bool) -> list:
     if B == 1:                      # each FMA plan also with its weight tiles requested ahead
         out += [GemvConfig(c.block_b, c.block_n, c.block_k, c.num_warps, 2, c.splits)
                 for c in out if c != COMPOSITE and c.block_b == 1]
+        if kind_of(shape) == "rms_norm":    # and the norm in one pass, where it applies
+            out += [replace(c, one_pass=True) for c in out
+                    if c != COMPOSITE and c.block_b == 1 and c.splits == 1]
     if B > 1:
         out.append(COMPOSITE)
     fitted = [c if c == COMPOSITE else fit_config(c, shape.K, torch.bfloat16) for c in out]
@@ -142,7 +146,10 @@ def plan_tuple(plan) -> object:
     """A plan as the table and the JSON rows record it: a config tuple or "composite"."""
     from dataclasses import astuple
 
-    return plan if isinstance(plan, str) else astuple(plan)
+    if isinstance(plan, str):
+        return plan
+    t = astuple(plan)                   # one_pass last: 1 when set, left out when not
+    return t[:-1] + (1,) if plan.one_pass else t[:-1]
 
 
 def plan_of(value) -> object:

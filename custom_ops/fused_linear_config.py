@@ -29,7 +29,7 @@ MAX_SPLITS = 64
 _SMS = 132          # programs per wave on an H100/H200
 
 # Measured best plans: (kind, N, K, batch bucket) -> (block_b, block_n, block_k, num_warps,
-# num_stages[, splits]) or "composite"; block_k counts 16-bit elements (fp32 weights use half as
+# num_stages[, splits[, one_pass]]) or "composite"; block_k counts 16-bit elements (fp32 weights use half as
 # many, the same bytes).  Buckets: "b1" (B = 1), "b4" (B <= 4), "b16" (B <= 16), "b32" (B <= 32),
 # "b64" (B > 32; B > 64 loops over 64-row blocks): a bucket's entry is measured at its largest B
 # (the sweep's batches).  Paste the dict that `python -m benchmarks.gemv_sweep` prints.
@@ -43,9 +43,12 @@ _SMS = 132          # programs per wave on an H100/H200
 # requested ahead (num_stages 2 of FMA plans): R1 qkv 5.2 vs 5.5, o 3.9 vs 6.4 (both prefetching,
 # 4 x 1024 tiles); gate/up and down unchanged (17.9, 12.2: prefetching did not help them);
 # Gemma qkv 4.0 vs 4.1 (prefetching), down 3.7 vs 6.3, head 84.5 vs cuBLAS 80.2.
+# Then (same card, 2026-11-30, late) the RMSNorm prologue in one pass (one_pass): QKV R1 4.7 us
+# vs cuBLAS 5.5, Gemma 3.7 vs 3.9 (one pass, no prefetch); gate/up slower in one pass (R1 19.2,
+# Gemma 5.9 vs cuBLAS 16.2, 4.4), so they keep two passes.
 GEMV_CONFIGS: dict[tuple[str, int, int, str], Union[tuple[int, ...], str]] = {
     # DeepSeek-R1-Distill-Qwen-1.5B / Qwen2.5-1.5B: D 1536, 12 + 2 + 2 heads of 128, I 8960
-    ("rms_norm", 2048, 1536, "b1"): (1, 4, 1024, 4, 2, 1),
+    ("rms_norm", 2048, 1536, "b1"): (1, 4, 1024, 4, 1, 1, 1),
     ("rms_norm", 2048, 1536, "b16"): COMPOSITE,
     ("none", 1536, 1536, "b1"): (1, 4, 1024, 4, 2, 1),
     ("none", 1536, 1536, "b16"): COMPOSITE,
@@ -56,7 +59,7 @@ GEMV_CONFIGS: dict[tuple[str, int, int, str], Union[tuple[int, ...], str]] = {
     ("none", 151936, 1536, "b1"): (1, 8, 512, 4, 1, 1),
     ("none", 151936, 1536, "b16"): (16, 64, 128, 4, 3, 1),
     # Gemma-3-270M: D 640, 4 + 1 + 1 heads of 256, I 2048
-    ("rms_norm", 1536, 640, "b1"): (1, 4, 1024, 4, 2, 1),
+    ("rms_norm", 1536, 640, "b1"): (1, 4, 1024, 4, 1, 1, 1),
     ("rms_norm", 1536, 640, "b16"): COMPOSITE,
     ("none", 640, 1024, "b1"): (1, 2, 1024, 4, 1, 1),
     ("none", 640, 1024, "b16"): (16, 8, 128, 4, 4, 1),
@@ -76,13 +79,17 @@ class GemvConfig:
     pipelines only the tl.dot loop; for FMA rows, num_stages >= 2 instead requests each weight
     tile one loop step ahead, in registers); splits: programs along K per block of output
     features, each reducing a contiguous chunk of K into an fp32 partial that the last of them
-    sums (1: none)."""
+    sums (1: none); one_pass: the RMSNorm prologue of FMA rows without splits in a single pass
+    over K, the norms' scales applied after the sums (no rounding of the input; other prologues
+    ignore it).  Measured both ways per shape (benchmarks/gemv_sweep.py): one pass won on the
+    narrow QKV weights, two passes on the wide gate/up ones."""
     block_b: int
     block_n: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 2
     splits: int = 1
+    one_pass: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "num_warps"):
@@ -99,6 +106,10 @@ class GemvConfig:
             raise ValueError(f"GemvConfig.num_stages must be >= 1, got {self.num_stages}")
         if not 1 <= self.splits <= MAX_SPLITS:
             raise ValueError(f"GemvConfig.splits must be in [1, {MAX_SPLITS}], got {self.splits}")
+        object.__setattr__(self, "one_pass", bool(self.one_pass))   # a table's 1 or 0
+        if self.one_pass and (self.block_b != 1 or self.splits != 1):
+            raise ValueError(f"GemvConfig.one_pass needs FMA rows without splits (block_b 1, "
+                             f"splits 1), got block_b={self.block_b}, splits={self.splits}")
 
 
 Plan = Union[GemvConfig, str]       # a GemvConfig or COMPOSITE
@@ -171,11 +182,12 @@ def fit_config(cfg: GemvConfig, K: int, dtype: torch.dtype) -> GemvConfig:
     steps = triton.cdiv(K, block_k)
     splits = min(cfg.splits, steps)
     splits = triton.cdiv(steps, triton.cdiv(steps, splits))
-    return GemvConfig(cfg.block_b, cfg.block_n, block_k, cfg.num_warps, cfg.num_stages, splits)
+    return GemvConfig(cfg.block_b, cfg.block_n, block_k, cfg.num_warps, cfg.num_stages, splits,
+                      cfg.one_pass)
 
 
 def plan_of_entry(entry: Union[tuple[int, ...], str]) -> Plan:
-    """A GEMV_CONFIGS value as a plan (5-tuples have no splits: 1)."""
+    """A GEMV_CONFIGS value as a plan (5-tuples have no splits: 1; 7-tuples end with one_pass)."""
     if entry == COMPOSITE:
         return COMPOSITE
     if isinstance(entry, str):

@@ -152,8 +152,8 @@ def _fused_gemv_kernel(x_ptr, res_ptr, bn_ptr, norm_ptr, w_ptr, bias_ptr, out_pt
       RMS_NORM: b = x or round(rms(x) * (norm_offset + branch_norm)); r = round(b + residual) or
         b -> residual_out; input = round(rms(r) * (norm_offset + norm)), rms(v) = v / sqrt(mean
         (v^2) + eps).  Each program first sums r^2 over all of K per row (and x^2 before it with
-        HAS_BN), then normalizes each chunk of its K range in the main loop; ONE_PASS (FMA rows
-        without splits, `_rms_norm_row`) applies the norms' scales after the sums instead, in a
+        HAS_BN), then normalizes each chunk of its K range in the main loop; ONE_PASS (plans with
+        one_pass: FMA rows without splits, `_rms_norm_row`) applies the norms' scales after the sums instead, in a
         single pass that does not round the input.
       SILU_MUL / GELU_TANH_MUL: input = round(act(gate) * up); NONE: input = x.
     Grid (cdiv(N, BLOCK_N), S).  SPLIT (S > 1): program (j, s) covers K columns [s c, (s + 1) c)
@@ -280,6 +280,9 @@ def _rms_norm_row(x_ptr, res_ptr, bn_ptr, norm_ptr, rout_ptr, w_rows, n_ok, rows
     here only without a branch norm, where it needs no scale).  residual_out: rows < write_rows
     (all in program 0, none elsewhere); with a branch norm, by a second pass once inv_x is
     known."""
+    # Inductor passes Python floats to user kernels as fp64 scalars: keep the math fp32.
+    eps = tl.cast(eps, tl.float32)
+    norm_offset = tl.cast(norm_offset, tl.float32)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)      # sum w * (x bn' or r) * g
     acc_res = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # sum w * res * g (branch norm)
     s_xx = tl.zeros((1, BLOCK_K), dtype=tl.float32)
@@ -412,7 +415,7 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, prologue: int, *,
         HAS_BIAS=bias is not None, EVEN_K=statically_known_true(K % plan.block_k == 0),
         DOT_IEEE=dt == torch.float32, SPLIT=S > 1, BLOCK_B=plan.block_b,
         BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, PREFETCH=prefetch,
-        ONE_PASS=prologue == RMS_NORM and plan.block_b == 1 and S == 1,
+        ONE_PASS=prologue == RMS_NORM and plan.one_pass,
         num_warps=plan.num_warps, num_stages=1 if prefetch else plan.num_stages)
     return out, rout
 

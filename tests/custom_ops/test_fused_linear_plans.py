@@ -77,6 +77,10 @@ def test_config_validation() -> None:
         GemvConfig(1, 16, 256, splits=0)
     with pytest.raises(ValueError, match="splits must be in"):
         GemvConfig(1, 16, 256, splits=cfgm.MAX_SPLITS + 1)
+    with pytest.raises(ValueError, match="one_pass needs FMA rows without splits"):
+        GemvConfig(16, 16, 256, one_pass=True)
+    with pytest.raises(ValueError, match="one_pass needs FMA rows without splits"):
+        GemvConfig(1, 16, 256, splits=2, one_pass=True)
     with pytest.raises(ValueError, match="kind must be one of"):
         pick_config("relu", 64, 64, 1, torch.bfloat16)
     with pytest.raises(ValueError, match="config tuple or 'composite'"):
@@ -90,6 +94,7 @@ def test_table_entries_win(monkeypatch) -> None:
     monkeypatch.setitem(cfgm.GEMV_CONFIGS, ("silu_mul", 1536, 8960, "b16"),
                         (16, 64, 128, 4, 3, 8))
     monkeypatch.setitem(cfgm.GEMV_CONFIGS, ("rms_norm", 2048, 1536, "b1"), COMPOSITE)
+    monkeypatch.setitem(cfgm.GEMV_CONFIGS, ("rms_norm", 1536, 640, "b1"), (1, 4, 1024, 4, 1, 1, 1))
     assert flt.GEMV_CONFIGS is cfgm.GEMV_CONFIGS        # the re-exported table is the same dict
     assert pick_config("silu_mul", 1536, 8960, 1, torch.bfloat16) == GemvConfig(1, 4, 2048, 8, 3)
     assert pick_config("silu_mul", 1536, 8960, 1, torch.float32).block_k == 1024  # same bytes
@@ -97,6 +102,9 @@ def test_table_entries_win(monkeypatch) -> None:
     assert pick_config("silu_mul", 1536, 8960, 9, torch.bfloat16) == GemvConfig(16, 64, 128, 4, 3,
                                                                                 8)
     assert pick_config("rms_norm", 2048, 1536, 1, torch.float16) == COMPOSITE
+    # a 7-tuple ends with one_pass (the table writes 1); fitting keeps it
+    assert pick_config("rms_norm", 1536, 640, 1, torch.bfloat16) == GemvConfig(
+        1, 4, 1024, 4, 1, 1, one_pass=True)
     # other kinds of the same N x K, or other buckets, fall back to the default
     assert pick_config("gelu_tanh_mul", 1536, 8960, 1, torch.bfloat16) != GemvConfig(
         1, 4, 2048, 8, 3)

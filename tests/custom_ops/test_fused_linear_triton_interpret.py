@@ -29,11 +29,14 @@ from triton_poison import poisoned_empty  # noqa: E402
 pytestmark = pytest.mark.interpret
 N, K = 40, 96           # N not a multiple of any block_n used; K not a power of two
 # One K step and several (EVEN_K and masked K tails); FMA rows (block_b 1: num_stages 2 requests
-# the next weight tile ahead, 1 does not) and tl.dot tiles.
+# the next weight tile ahead, 1 does not; one_pass: the RMSNorm in the same pass as the product)
+# and tl.dot tiles.
 CONFIGS = {
     "fma_k32": GemvConfig(1, 16, 32),
     "fma_k32_no_prefetch": GemvConfig(1, 16, 32, 4, 1),
     "fma_k64_tail": GemvConfig(1, 8, 64),
+    "fma_k32_one_pass": GemvConfig(1, 16, 32, 4, 2, one_pass=True),
+    "fma_k64_tail_one_pass_no_prefetch": GemvConfig(1, 8, 64, 4, 1, one_pass=True),
     "dot16_k32": GemvConfig(16, 16, 32),
     "dot32_k64_tail": GemvConfig(32, 32, 64),
     "dot16_n8_k64_tail": GemvConfig(16, 8, 64),
