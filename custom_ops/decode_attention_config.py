@@ -21,10 +21,11 @@ class DecodeBlocks(NamedTuple):
     min_chunk: int    # fewest slots a split takes (so short ranges use few splits)
     num_warps: int
     num_stages: int
-    # The last program's combine, chosen at run time by the active splits A: up to this many,
-    # all query heads at once, split after split (`_combine_splits`: A dependent L2 reads);
-    # more, one query head at a time over all splits (`_combine`).  0: always `_combine`.
+    # The merge of the splits' partials, chosen at run time by the active splits A: up to this
+    # many, the last program folds all A, split after split (A dependent L2 reads); more, a
+    # two-level tree of groups of tree_group splits (`_finish`).  0: always the tree.
     combine_upto: int = 16
+    tree_group: int = 8
 
 
 def _num_sms(device: torch.device) -> int:
@@ -60,7 +61,7 @@ def decode_blocks(B: int, Hkv: int, group: int, L: int, Dh: int, dtype: torch.dt
     block_n = 16 if dtype == torch.float32 else 64 if block_d == 128 else 32
     min_chunk = 4 * block_n if dtype == torch.float32 else 64
     splits = max(1, min(triton.cdiv(2 * _num_sms(device), programs), triton.cdiv(L, min_chunk),
-                        max_splits(block_d)))
+                        _DEFAULT_MAX_SPLITS))
     return DecodeBlocks(splits, block_n, block_d, min_chunk, 4, 2)
 
 
@@ -71,11 +72,17 @@ def _check_blocks(blk: DecodeBlocks, Dh: int) -> None:
     if not (pow2(blk.block_n) and pow2(blk.block_d) and blk.block_d >= Dh):
         raise ValueError(f"block_n and block_d must be powers of two >= 16, block_d >= Dh={Dh}; "
                          f"got {blk}")
-    if not 1 <= blk.splits <= max_splits(blk.block_d) or blk.min_chunk < 1 or blk.combine_upto < 0:
-        raise ValueError(f"splits must be in [1, {max_splits(blk.block_d)}], min_chunk >= 1 and "
-                         f"combine_upto >= 0, got {blk}")
+    if (not 1 <= blk.splits <= max_splits(blk.block_d) or blk.min_chunk < 1
+            or blk.combine_upto < 0 or blk.tree_group < 1):
+        raise ValueError(f"splits must be in [1, {max_splits(blk.block_d)}], min_chunk >= 1, "
+                         f"combine_upto >= 0 and tree_group >= 1, got {blk}")
 
 
 def max_splits(block_d: int) -> int:
-    """The combine holds a [next_pow2(S), block_d] fp32 tile: at most 8192 elements."""
-    return max(1, min(64, 8192 // block_d))
+    """Most splits a launch may take (any head size: the merges fold one [16, block_d] tile at
+    a time); with 8-split tree groups the final merge folds at most 16 group results."""
+    return 128
+
+
+# decode_blocks' splits stop here (of max_splits' 128): 128 at B = 1 awaits a GPU measurement.
+_DEFAULT_MAX_SPLITS = 64

@@ -16,8 +16,11 @@ correctly while the fill grows, and the work scales with the valid range, not wi
   A == 0 (empty row): split 0 writes zeros.  A == 1: split 0 writes the output itself.
   A >= 2: each active split stores its partial (max m, sum l, unnormalized acc [GROUP, Dh],
   fp32), then counts itself on an atomic counter per (b, kv head, tile); the last to arrive
-  combines the A partials and resets the counter to 0, so the next call (or CUDA-graph replay)
-  starts from zero without a memset.
+  merges the A partials and resets the counter to 0, so the next call (or CUDA-graph replay)
+  starts from zero without a memset.  Above COMBINE_UPTO active splits the merge is a two-level
+  tree: the last of each group of TREE_G consecutive splits merges its group into the group's
+  first slot (a counter per group), and the last group to finish merges the group results, so
+  no program folds more than max(TREE_G, cdiv(A, TREE_G)) partials.
 Bytes moved per call: 2 * B * Hkv * n * Dh * elt (K and V of the valid slots, each read once)
 + 2 * B * Hq * Dh * elt (q, out) + ~2 * B * Hq * A * (Dh + 2) * 4 (partials, L2-resident).
 """
@@ -61,12 +64,13 @@ def _tanh(x):
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, out_ptr, pm_ptr, pl_ptr,
                              pacc_ptr, count_ptr, scale, softcap, window, min_chunk, L, HKV,
                              GROUP, NG, DH: tl.constexpr, S: tl.constexpr,
-                             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_PAD: tl.constexpr,
-                             SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
-                             COMBINE_UPTO: tl.constexpr):
+                             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+                             COMBINE_UPTO: tl.constexpr, TREE_G: tl.constexpr,
+                             CSTRIDE: tl.constexpr):
     """See the module docstring.  q, out [B, Hq, 1, Dh]; k, v [B, Hkv, L, Dh] (contiguous);
     starts [B] int64; fill [1] int64; partials pm, pl [NP, 16, S] fp32 and pacc [NP, 16, S, Dh]
-    fp32 (NP = B * Hkv * NG); count [NP] int32, zero on entry and on exit."""
+    fp32 (NP = B * Hkv * NG); count [NP * CSTRIDE] int32 (per program group: the final counter,
+    then one per tree group, CSTRIDE = 1 + cdiv(S, TREE_G)), zero on entry and on exit."""
     pid = tl.program_id(0)                         # (b, kv head, head tile)
     s = tl.program_id(1)
     tile = pid % NG
@@ -95,8 +99,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, out_ptr,
             m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, kv_base, j0, j_hi, d, d_ok, m_i, l_i,
                                           acc, scale32, softcap, DH, BLOCK_N, SOFTCAP, DOT_FP32)
         _finish(out_ptr, pm_ptr, pl_ptr, pacc_ptr, count_ptr, m_i, l_i, acc, hq, g_ok, d, d_ok,
-                pid, s, b, kvh, tile, active, HKV, GROUP, DH, S, BLOCK_D, SPLIT_PAD,
-                COMBINE_UPTO)
+                pid, s, active, DH, S, COMBINE_UPTO, TREE_G, CSTRIDE)
 
 
 @triton.jit
@@ -157,12 +160,12 @@ def _attend_block(q, k_ptr, v_ptr, kv_base, j0, j_end, d, d_ok, m_i, l_i, acc, s
 
 @triton.jit
 def _finish(out_ptr, pm_ptr, pl_ptr, pacc_ptr, count_ptr, m_i, l_i, acc, hq, g_ok, d, d_ok, pid,
-            s, b, kvh, tile, active, HKV, GROUP, DH: tl.constexpr, S: tl.constexpr,
-            BLOCK_D: tl.constexpr, SPLIT_PAD: tl.constexpr, COMBINE_UPTO: tl.constexpr):
+            s, active, DH: tl.constexpr, S: tl.constexpr, COMBINE_UPTO: tl.constexpr,
+            TREE_G: tl.constexpr, CSTRIDE: tl.constexpr):
     """A split's end: with one active split, out[hq] = acc / l (0 where l = 0); else store the
-    partials (m, l, acc) of split s and count it; the last split to arrive combines them all
-    (`_combine_splits` when at most COMBINE_UPTO splits are active, else `_combine`) and resets
-    the counter.  hq [16] flat (b, query head) indices, g_ok their mask."""
+    partials (m, l, acc) of split s and count it.  Up to COMBINE_UPTO active splits, the last to
+    arrive merges them all; above, the two-level tree of the module docstring.  The merging
+    program resets the counter it won.  hq [16] flat (b, query head) indices, g_ok their mask."""
     out_mask = g_ok[:, None] & d_ok[None, :]
     out_off = hq.to(tl.int64)[:, None] * DH + d[None, :]
     if active <= 1:                            # the whole range was this program's
@@ -170,37 +173,68 @@ def _finish(out_ptr, pm_ptr, pl_ptr, pacc_ptr, count_ptr, m_i, l_i, acc, hq, g_o
         tl.store(out_ptr + out_off, o.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         row = pid.to(tl.int64) * 16 + tl.arange(0, 16)                   # [16] (NP, 16) rows
-        tl.store(pm_ptr + row * S + s, m_i, mask=g_ok)
-        tl.store(pl_ptr + row * S + s, l_i, mask=g_ok)
-        tl.store(pacc_ptr + (row * S + s)[:, None] * DH + d[None, :], acc, mask=out_mask)
-        # The barrier orders every thread's partial stores before the counter's release; the
-        # last program's acquire orders its partial loads after every other release.
-        tl.debug_barrier()
-        done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
-        if done == active - 1:
-            if active <= COMBINE_UPTO:
-                _combine_splits(pm_ptr, pl_ptr, pacc_ptr, out_ptr, row, out_off, out_mask, g_ok,
-                                d, active, DH, S)
-            else:
-                _combine(pm_ptr, pl_ptr, pacc_ptr, out_ptr, pid, b, kvh, tile, active, HKV,
-                         GROUP, DH, S, BLOCK_D, SPLIT_PAD)
-            tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed")              # clean for next call
+        _store_partial(pm_ptr, pl_ptr, pacc_ptr, row, s, m_i, l_i, acc, g_ok, d, out_mask, DH, S)
+        top = count_ptr + pid * CSTRIDE
+        if active <= COMBINE_UPTO:
+            # The barrier orders every thread's partial stores before the counter's release;
+            # the last program's acquire orders its partial loads after every other release.
+            tl.debug_barrier()
+            if tl.atomic_add(top, 1, sem="acq_rel") == active - 1:
+                m, ll, acc = _merge(pm_ptr, pl_ptr, pacc_ptr, row, g_ok, d, out_mask, 0, 1,
+                                    active, DH, S)
+                _store_out(out_ptr, out_off, out_mask, g_ok, ll, acc)
+                tl.atomic_xchg(top, 0, sem="relaxed")                   # clean for next call
+        else:
+            grp = s // TREE_G
+            first = grp * TREE_G
+            tl.debug_barrier()
+            if tl.atomic_add(top + 1 + grp, 1, sem="acq_rel") == tl.minimum(
+                    active - first, TREE_G) - 1:
+                m, ll, acc = _merge(pm_ptr, pl_ptr, pacc_ptr, row, g_ok, d, out_mask, first, 1,
+                                    tl.minimum(active - first, TREE_G), DH, S)
+                _store_partial(pm_ptr, pl_ptr, pacc_ptr, row, first, m, ll, acc, g_ok, d,
+                               out_mask, DH, S)
+                tl.atomic_xchg(top + 1 + grp, 0, sem="relaxed")
+                groups = tl.cdiv(active, TREE_G)
+                tl.debug_barrier()
+                if tl.atomic_add(top, 1, sem="acq_rel") == groups - 1:
+                    m, ll, acc = _merge(pm_ptr, pl_ptr, pacc_ptr, row, g_ok, d, out_mask, 0,
+                                        TREE_G, groups, DH, S)
+                    _store_out(out_ptr, out_off, out_mask, g_ok, ll, acc)
+                    tl.atomic_xchg(top, 0, sem="relaxed")
 
 
 @triton.jit
-def _combine_splits(pm_ptr, pl_ptr, pacc_ptr, out_ptr, row, out_off, out_mask, g_ok, d, active,
-                    DH: tl.constexpr, S: tl.constexpr):
-    """`_combine`'s result, all 16 query heads of the tile at once, one active split after the
-    other (a [16, BLOCK_D] tile of partials per step, online rescaling): `active` dependent L2
-    reads instead of one per query head, so it suits few splits and many heads (row [16] the
-    tile's partial rows; .cg loads as in `_combine`).  Every active split holds a valid slot, so
-    m is finite for the tile's real heads; padded heads read m = 0 and are not stored."""
-    m = tl.load(pm_ptr + row * S, mask=g_ok, other=0.0, cache_modifier=".cg")          # [16]
-    ll = tl.load(pl_ptr + row * S, mask=g_ok, other=0.0, cache_modifier=".cg")
-    acc = tl.load(pacc_ptr + (row * S)[:, None] * DH + d[None, :], mask=out_mask, other=0.0,
-                  cache_modifier=".cg")                                                 # [16, BD]
-    # Unrolled so that several splits' loads are in flight at once (each is an L2 round trip).
-    for t in tl.range(1, active, loop_unroll_factor=2):
+def _store_partial(pm_ptr, pl_ptr, pacc_ptr, row, t, m, ll, acc, g_ok, d, out_mask,
+                   DH: tl.constexpr, S: tl.constexpr):
+    """Partial slot t of the rows [16]: m, l [16] and acc [16, BLOCK_D], fp32."""
+    tl.store(pm_ptr + row * S + t, m, mask=g_ok)
+    tl.store(pl_ptr + row * S + t, ll, mask=g_ok)
+    tl.store(pacc_ptr + (row * S + t)[:, None] * DH + d[None, :], acc, mask=out_mask)
+
+
+@triton.jit
+def _store_out(out_ptr, out_off, out_mask, g_ok, ll, acc):
+    """out = acc / l for the tile's real heads (every merged partial holds a valid slot)."""
+    o = acc / tl.where(g_ok, ll, 1.0)[:, None]
+    tl.store(out_ptr + out_off, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _merge(pm_ptr, pl_ptr, pacc_ptr, row, g_ok, d, out_mask, t0, stride, count,
+           DH: tl.constexpr, S: tl.constexpr):
+    """(m, l, acc) of the partial slots t0, t0 + stride, ... (count of them, >= 1) merged, all 16
+    query heads of the tile at once, one slot after the other (a [16, BLOCK_D] tile per step,
+    online rescaling): `count` dependent L2 reads, .cg loads (past the SM's L1, which is not
+    coherent with the other programs' stores).  Every merged slot holds a valid slot, so m is
+    finite for the tile's real heads; padded heads read m = 0 and are never stored."""
+    m = tl.load(pm_ptr + row * S + t0, mask=g_ok, other=0.0, cache_modifier=".cg")     # [16]
+    ll = tl.load(pl_ptr + row * S + t0, mask=g_ok, other=0.0, cache_modifier=".cg")
+    acc = tl.load(pacc_ptr + (row * S + t0)[:, None] * DH + d[None, :], mask=out_mask,
+                  other=0.0, cache_modifier=".cg")                                   # [16, BD]
+    # Unrolled so that several slots' loads are in flight at once (each is an L2 round trip).
+    for i in tl.range(1, count, loop_unroll_factor=2):
+        t = t0 + i * stride
         mt = tl.load(pm_ptr + row * S + t, mask=g_ok, other=0.0, cache_modifier=".cg")
         lt = tl.load(pl_ptr + row * S + t, mask=g_ok, other=0.0, cache_modifier=".cg")
         at = tl.load(pacc_ptr + (row * S + t)[:, None] * DH + d[None, :], mask=out_mask,
@@ -211,33 +245,7 @@ def _combine_splits(pm_ptr, pl_ptr, pacc_ptr, out_ptr, row, out_off, out_mask, g
         ll = ll * wa + lt * wt
         acc = acc * wa[:, None] + at * wt[:, None]
         m = m_new
-    o = acc / tl.where(g_ok, ll, 1.0)[:, None]
-    tl.store(out_ptr + out_off, o.to(out_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
-def _combine(pm_ptr, pl_ptr, pacc_ptr, out_ptr, pid, b, kvh, tile, active, HKV, GROUP,
-             DH: tl.constexpr, S: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_PAD: tl.constexpr):
-    """out[b, head] = sum_t e^(m_t - M) acc_t / sum_t e^(m_t - M) l_t over the `active` splits,
-    one query head at a time (a [SPLIT_PAD, BLOCK_D] tile of partials per head, read from L2
-    with .cg loads, which skip the SM's L1: it is not coherent with the other programs' stores)."""
-    t = tl.arange(0, SPLIT_PAD)
-    t_ok = t < active
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < DH
-    n_heads = tl.minimum(GROUP - tile * 16, 16)
-    for gi in range(0, n_heads):
-        row = pid.to(tl.int64) * 16 + gi
-        m = tl.load(pm_ptr + row * S + t, mask=t_ok, other=float("-inf"), cache_modifier=".cg")
-        ll = tl.load(pl_ptr + row * S + t, mask=t_ok, other=0.0, cache_modifier=".cg")
-        m_max = tl.max(m, axis=0)
-        w = tl.where(t_ok, tl.exp(m - m_max), 0.0)                        # [SPLIT_PAD]
-        denom = tl.sum(w * ll, axis=0)
-        part = tl.load(pacc_ptr + (row * S + t)[:, None] * DH + d[None, :],
-                       mask=t_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
-        o = tl.sum(w[:, None] * part, axis=0) / denom                    # [BLOCK_D]
-        hq = (b * HKV + kvh) * GROUP + tile * 16 + gi
-        tl.store(out_ptr + hq.to(tl.int64) * DH + d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
+    return m, ll, acc
 
 
 class SplitBuffers(NamedTuple):
@@ -248,7 +256,8 @@ class SplitBuffers(NamedTuple):
     part_m: torch.Tensor      # [NP, 16, S] fp32: the splits' running maxima
     part_l: torch.Tensor      # [NP, 16, S] fp32: their sums
     part_acc: torch.Tensor    # [NP, 16, S, Dh] fp32: their unnormalized outputs (A <= S used)
-    count: torch.Tensor       # [>= NP] int32, zero (custom_ops.counters.workspace)
+    count: torch.Tensor       # [>= NP * cstride] int32, zero (custom_ops.counters.workspace)
+    cstride: int              # CSTRIDE: counters per program group (1 + tree groups)
 
 
 def split_buffers(B: int, Hkv: int, group: int, L: int, Dh: int, dtype: torch.dtype,
@@ -259,10 +268,11 @@ def split_buffers(B: int, Hkv: int, group: int, L: int, Dh: int, dtype: torch.dt
     _check_blocks(blk, Dh)
     ng = triton.cdiv(group, _HEADS)
     NP, S = B * Hkv * ng, blk.splits
+    cstride = 1 + triton.cdiv(S, blk.tree_group)
     return SplitBuffers(blk, ng, _empty((NP, _HEADS, S), torch.float32, device),
                         _empty((NP, _HEADS, S), torch.float32, device),
                         _empty((NP, _HEADS, S, Dh), torch.float32, device),
-                        workspace(counters, NP, device, traced))
+                        workspace(counters, NP * cstride, device, traced), cstride)
 
 
 def triton_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -292,7 +302,8 @@ def triton_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         q, k_cache, v_cache, starts, fill.reshape(1), out, sb.part_m, sb.part_l, sb.part_acc,
         sb.count, float(scale), float(softcap), int(window), blk.min_chunk, L, Hkv, group, sb.ng,
         DH=Dh, S=S,
-        BLOCK_D=blk.block_d, BLOCK_N=blk.block_n, SPLIT_PAD=triton.next_power_of_2(S),
-        SOFTCAP=softcap > 0, DOT_FP32=q.dtype == torch.float32,
-        COMBINE_UPTO=blk.combine_upto, num_warps=blk.num_warps, num_stages=blk.num_stages)
+        BLOCK_D=blk.block_d, BLOCK_N=blk.block_n, SOFTCAP=softcap > 0,
+        DOT_FP32=q.dtype == torch.float32, COMBINE_UPTO=blk.combine_upto,
+        TREE_G=blk.tree_group, CSTRIDE=sb.cstride, num_warps=blk.num_warps,
+        num_stages=blk.num_stages)
     return out

@@ -3,7 +3,7 @@ the new token and split-K decode attention, in ONE launch (the work of rope_kv_w
 decode_attention, custom_ops/rope_cache_triton.py and custom_ops/decode_attention_triton.py).
 
 Grid (B * Hkv * NG, S) as in `_decode_attention_kernel`, with its valid range, chunks, splits and
-last-program combine (`decode_blocks`, `_combine`).  Program (b, kv head, head tile, split s):
+last-program merge (`decode_blocks`, `_finish`).  Program (b, kv head, head tile, split s):
   1. loads its tile of 16 query heads from qkv [B, (Hq + 2 * Hkv) * Dh] twice: at lane d and at
      its rotate_half partner (d + Dh / 2) % Dh (so no in-register shuffle), applies the q RMSNorm
      (optional) and rotary in fp32, rounds to qkv's dtype: the q that rope_kv_write returns;
@@ -76,13 +76,14 @@ def _rope_attention_kernel(qkv_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, inv_freq
                            kn_ptr, out_ptr, pm_ptr, pl_ptr, pacc_ptr, count_ptr, attn_scaling,
                            eps, norm_offset, scale, softcap, window, min_chunk, L, HKV, GROUP, NG,
                            DH: tl.constexpr, S: tl.constexpr, BLOCK_D: tl.constexpr,
-                           BLOCK_N: tl.constexpr, SPLIT_PAD: tl.constexpr,
-                           HAS_QN: tl.constexpr, HAS_KN: tl.constexpr, SOFTCAP: tl.constexpr,
-                           DOT_FP32: tl.constexpr, COMBINE_UPTO: tl.constexpr):
+                           BLOCK_N: tl.constexpr, HAS_QN: tl.constexpr, HAS_KN: tl.constexpr,
+                           SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+                           COMBINE_UPTO: tl.constexpr, TREE_G: tl.constexpr,
+                           CSTRIDE: tl.constexpr):
     """See the module docstring.  qkv [B, (Hq + 2 * Hkv) * Dh]; k, v caches [B, Hkv, L, Dh]
     (contiguous; slot fill - 1 written); starts [B] int64; fill [1] int64; inv_freq [Dh / 2]
     fp32; q / k norm weights [Dh] when HAS_*; out [B, Hq, 1, Dh]; partials pm, pl [NP, 16, S]
-    and pacc [NP, 16, S, Dh] fp32; count [>= NP] int32, zero on entry and on exit."""
+    and pacc [NP, 16, S, Dh] fp32; count [>= NP * CSTRIDE] int32, zero on entry and on exit."""
     # Inductor passes Python floats to user kernels as fp64 scalars: keep the math fp32.
     attn_scaling = tl.cast(attn_scaling, tl.float32)
     eps = tl.cast(eps, tl.float32)
@@ -143,8 +144,8 @@ def _rope_attention_kernel(qkv_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, inv_freq
             m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, kv_base, j0, j_end, d, d_ok, m_i, l_i,
                                           acc, scale, softcap, DH, BLOCK_N, SOFTCAP, DOT_FP32)
         _finish(out_ptr, pm_ptr, pl_ptr, pacc_ptr, count_ptr, m_i, l_i, acc,
-                (b * HKV + kvh) * GROUP + g, g_ok, d, d_ok, pid, s, b, kvh, tile, active, HKV,
-                GROUP, DH, S, BLOCK_D, SPLIT_PAD, COMBINE_UPTO)
+                (b * HKV + kvh) * GROUP + g, g_ok, d, d_ok, pid, s, active, DH, S, COMBINE_UPTO,
+                TREE_G, CSTRIDE)
 
 
 def triton_rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -176,7 +177,8 @@ def triton_rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cac
         out, sb.part_m, sb.part_l, sb.part_acc, sb.count, float(attn_scaling), float(eps),
         float(norm_offset), float(scale), float(softcap), int(window), blk.min_chunk, L, Hkv,
         group, sb.ng, DH=Dh, S=S, BLOCK_D=blk.block_d, BLOCK_N=blk.block_n,
-        SPLIT_PAD=triton.next_power_of_2(S), HAS_QN=q_norm is not None,
+        HAS_QN=q_norm is not None,
         HAS_KN=k_norm is not None, SOFTCAP=softcap > 0, DOT_FP32=qkv.dtype == torch.float32,
-        COMBINE_UPTO=blk.combine_upto, num_warps=blk.num_warps, num_stages=blk.num_stages)
+        COMBINE_UPTO=blk.combine_upto, TREE_G=blk.tree_group, CSTRIDE=sb.cstride,
+        num_warps=blk.num_warps, num_stages=blk.num_stages)
     return out

@@ -45,10 +45,11 @@ def poison(monkeypatch):
 
 
 def blocks(splits: int, Dh: int, min_chunk: int = 16) -> dat.DecodeBlocks:
-    """Small blocks so a 60-slot cache spans several blocks and splits; the head-at-a-time
-    combine (the split-after-split one has its own test)."""
+    """Small blocks so a 60-slot cache spans several blocks and splits; the two-level merge
+    in groups of 2 splits, so most calls have several groups and a ragged last one (the flat
+    merge has its own test)."""
     return dat.DecodeBlocks(splits, 16, max(16, triton.next_power_of_2(Dh)), min_chunk, 4, 2,
-                            combine_upto=0)
+                            combine_upto=0, tree_group=2)
 
 
 def draw(B, Hq, Hkv, L, Dh):
@@ -114,7 +115,6 @@ def test_default_blocks_fit_the_combine() -> None:
     for Dh in (64, 80, 128, 256):
         blk = dat.decode_blocks(1, 1, 4, 32768, Dh, torch.bfloat16, torch.device("cpu"))
         assert 1 <= blk.splits <= dat.max_splits(blk.block_d)
-        assert triton.next_power_of_2(blk.splits) * blk.block_d <= 8192
     with pytest.raises(ValueError, match="splits must be in"):
         dat.triton_decode_attention(*draw(1, 2, 1, 8, 16), torch.tensor([0]), torch.tensor(3),
                                     0.3, blocks=blocks(0, 16))
@@ -138,13 +138,16 @@ def test_rope_kv_write_matches_reference(fresh_seed, norm, fill) -> None:
     assert torch.equal(v, v2)
 
 
-@pytest.mark.parametrize("Hq,Hkv,Dh,splits,upto", [(12, 2, 64, 3, 64), (40, 2, 16, 13, 64),
-                                                    (4, 1, 80, 2, 64), (12, 2, 64, 4, 2)])
-def test_split_wise_combine_matches_reference(fresh_seed, Hq, Hkv, Dh, splits, upto) -> None:
-    """DecodeBlocks.combine_upto: the last program folds the partials in split after split
-    for all heads of its tile (two tiles at 40 / 2), windows and soft-cap included; with
-    combine_upto = 2 of 4 splits, the fills below switch between both combines at run time."""
-    blk = blocks(splits, Dh)._replace(combine_upto=upto)
+@pytest.mark.parametrize("Hq,Hkv,Dh,splits,upto,tree", [
+    (12, 2, 64, 3, 64, 2), (40, 2, 16, 13, 64, 2), (4, 1, 80, 2, 64, 2), (12, 2, 64, 4, 2, 2),
+    (12, 2, 64, 13, 0, 8), (12, 2, 64, 13, 0, 4)])
+def test_split_wise_combine_matches_reference(fresh_seed, Hq, Hkv, Dh, splits, upto,
+                                              tree) -> None:
+    """DecodeBlocks.combine_upto: up to it, the last program folds the partials split after
+    split for all heads of its tile (two tiles at 40 / 2), windows and soft-cap included; with
+    combine_upto = 2 of 4 splits, the fills below switch between the flat merge and the tree at
+    run time; 13 splits in tree groups of 8 (8 + 5) and 4 (4 + 4 + 4 + 1)."""
+    blk = blocks(splits, Dh)._replace(combine_upto=upto, tree_group=tree)
     q, k, v = draw(3, Hq, Hkv, 200, Dh)
     for fill in (1, 37, 150, 200):
         check(q, k, v, [0, 9, 37], fill, blk)

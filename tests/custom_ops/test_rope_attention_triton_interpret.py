@@ -47,9 +47,9 @@ def poison(monkeypatch):
 
 def blocks(splits: int, Dh: int) -> dat.DecodeBlocks:
     """16-slot blocks and chunks, so a 60-slot cache spans several blocks and splits; the
-    head-at-a-time combine (the split-after-split one has its own test)."""
+    two-level merge in groups of 2 splits (the flat merge has its own test)."""
     return dat.DecodeBlocks(splits, 16, max(16, triton.next_power_of_2(Dh)), 16, 4, 2,
-                            combine_upto=0)
+                            combine_upto=0, tree_group=2)
 
 
 def draw(B, Hq, Hkv, L, Dh, norm):
