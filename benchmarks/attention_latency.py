@@ -15,8 +15,9 @@ Bytes: the filled K/V (2 * B * Hkv * fill * Dh * 2), the floor every method is h
 those bytes / time, floor ms = those bytes at the copy bandwidth measured in the same run.
 x sdpa_hf: speedup over sdpa_hf in the same run.  Every method's output is checked against
 sdpa_hf first (max abs difference in the table).
---sweep also times launch settings of the op (block_n, min_chunk, splits, and the combine: up to
-how many active splits it goes split after split, DecodeBlocks.combine_upto) at every fill, to tune
+--sweep also times launch settings of the op (block_n, min_chunk, splits, and the merge: up to
+how many active splits it goes split after split, DecodeBlocks.combine_upto, and the tree's group
+size above that, DecodeBlocks.tree_group) at every fill, to tune
 custom_ops.decode_attention_triton.decode_blocks; the best per shape and fill is printed.
 """
 

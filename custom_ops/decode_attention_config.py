@@ -49,9 +49,12 @@ def decode_blocks(B: int, Hkv: int, group: int, L: int, Dh: int, dtype: torch.dt
     * fill 200: 64-slot chunks with the split-after-split combine 10.1 us at B = 1 (R1-1.5B)
       against 12.3 us for one 256-slot split and 19.3 us with the head-at-a-time combine;
       Gemma-3-270M 12.3 against 16.5 us;
-    * fill 8,192: with 64 active splits (B = 1) the head-at-a-time combine is faster (23.8 against
-      33.4 us), with 9 to 17 (B = 16) the split-after-split one (52.5 against 58.7 us; Gemma
-      59.1 against 65.4), hence `combine_upto` = 16.
+    * fill 8,192: with 64 active splits (B = 1) folding them split after split took 33.4 us, one
+      query head at a time 23.8 us, with 9 to 17 (B = 16) split after split was faster (52.5
+      against 58.7 us; Gemma 59.1 against 65.4), hence `combine_upto` = 16.  Above it, the
+      two-level merge (groups of `tree_group` = 8) replaced the head-at-a-time one: 19.5 us at
+      B = 1 (Gemma 23.1 against 31.7; same sweep, late that night: 128 splits and groups of 4 or
+      16 within 0.4 us of these defaults).
     Before that, in the compiled step (`benchmarks.tpot` profile, fill ~200): 128-slot chunks
     spent 19 us a layer at capacity 16,384 against 11 us at capacity 256 (the head-at-a-time
     combine over a SPLIT_PAD-wide tile).

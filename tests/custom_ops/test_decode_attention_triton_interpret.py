@@ -111,7 +111,7 @@ def test_fill_grows_under_one_launch_configuration(fresh_seed) -> None:
         check(q, k, v, [0, 6], fill, blk)
 
 
-def test_default_blocks_fit_the_combine() -> None:
+def test_default_blocks_are_valid_launch_settings() -> None:
     for Dh in (64, 80, 128, 256):
         blk = dat.decode_blocks(1, 1, 4, 32768, Dh, torch.bfloat16, torch.device("cpu"))
         assert 1 <= blk.splits <= dat.max_splits(blk.block_d)
