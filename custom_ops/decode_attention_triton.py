@@ -175,10 +175,10 @@ def _finish(out_ptr, pm_ptr, pl_ptr, pacc_ptr, count_ptr, m_i, l_i, acc, hq, g_o
         row = pid.to(tl.int64) * 16 + tl.arange(0, 16)                   # [16] (NP, 16) rows
         _store_partial(pm_ptr, pl_ptr, pacc_ptr, row, s, m_i, l_i, acc, g_ok, d, out_mask, DH, S)
         top = count_ptr + pid * CSTRIDE
+        # The barrier orders every thread's partial stores before the counter's release; the
+        # last program's acquire orders its partial loads after every other release.
+        tl.debug_barrier()
         if active <= COMBINE_UPTO:
-            # The barrier orders every thread's partial stores before the counter's release;
-            # the last program's acquire orders its partial loads after every other release.
-            tl.debug_barrier()
             if tl.atomic_add(top, 1, sem="acq_rel") == active - 1:
                 m, ll, acc = _merge(pm_ptr, pl_ptr, pacc_ptr, row, g_ok, d, out_mask, 0, 1,
                                     active, DH, S)
@@ -187,11 +187,10 @@ def _finish(out_ptr, pm_ptr, pl_ptr, pacc_ptr, count_ptr, m_i, l_i, acc, hq, g_o
         else:
             grp = s // TREE_G
             first = grp * TREE_G
-            tl.debug_barrier()
-            if tl.atomic_add(top + 1 + grp, 1, sem="acq_rel") == tl.minimum(
-                    active - first, TREE_G) - 1:
+            members = tl.minimum(active - first, TREE_G)                 # splits of the group
+            if tl.atomic_add(top + 1 + grp, 1, sem="acq_rel") == members - 1:
                 m, ll, acc = _merge(pm_ptr, pl_ptr, pacc_ptr, row, g_ok, d, out_mask, first, 1,
-                                    tl.minimum(active - first, TREE_G), DH, S)
+                                    members, DH, S)
                 _store_partial(pm_ptr, pl_ptr, pacc_ptr, row, first, m, ll, acc, g_ok, d,
                                out_mask, DH, S)
                 tl.atomic_xchg(top + 1 + grp, 0, sem="relaxed")

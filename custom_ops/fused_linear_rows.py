@@ -201,13 +201,8 @@ def _rms_norm_row(x_ptr, res_ptr, bn_ptr, norm_ptr, rout_ptr, w_rows, n_ok, rows
         inv_r = 1.0 / tl.sqrt(tl.maximum(ss, 0.0) / K + eps)
         y = inv_r * (inv_x * tl.sum(acc, axis=1) + tl.sum(acc_res, axis=1))       # [BLOCK_N]
         if write_rows > 0:                   # residual_out, now that inv_x is known
-            for k0 in range(0, K, BLOCK_K):
-                k = k0 + tl.arange(0, BLOCK_K)
-                mask = row_ok[:, None] & (k < K)[None, :]
-                r = _residual_chunk(x_ptr, res_ptr, bn_ptr, rows, k, mask, K, inv_x,
-                                    norm_offset, HAS_RES, True)
-                tl.store(rout_ptr + rows[:, None].to(tl.int64) * K + k[None, :],
-                         r.to(rout_ptr.dtype.element_ty), mask=mask)
+            _inv_rms(x_ptr, res_ptr, bn_ptr, rout_ptr, rows, row_ok, K, eps, inv_x, norm_offset,
+                     write_rows, True, HAS_RES, True, 1, BLOCK_K)    # (its norm is not needed)
     else:
         y = tl.sum(acc, axis=1) / tl.sqrt(tl.sum(s_aa, axis=1) / K + eps)
     return y[None, :]                                                              # [1, BLOCK_N]
