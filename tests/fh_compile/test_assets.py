@@ -78,7 +78,21 @@ def test_planted_clusters_are_recovered_with_few_probes(fresh_seed: int) -> None
     h = torch.randn(200, D)
     ids, _ = flashhead_reference(h, assets.centroids, assets.weight, assets.offsets,
                                  assets.token_ids, 4, C, 1)
-    assert torch.equal(ids[:, 0], (h @ weight.t()).argmax(-1))
+    # A token's logit is within eps of its cluster's centroid score, so the dense argmax can
+    # only fall outside the 4 probed clusters when the 1st and 5th centroid scores are within
+    # 2 eps. Rows with a wider margin must get the dense argmax (up to rounding); near ties may
+    # legitimately miss, and are most rows only when the clustering is wrong.
+    dense = h @ weight.t()
+    scores = h @ assets.centroids.float().t()
+    cluster_of = torch.empty(V, dtype=torch.long)
+    for c in range(assets.num_clusters):
+        cluster_of[assets.token_ids[int(assets.offsets[c]):int(assets.offsets[c + 1])]] = c
+    eps = (dense - scores[:, cluster_of]).abs().amax(-1)
+    top = scores.topk(5).values
+    decided = (top[:, 0] - top[:, 4]) > 2 * eps
+    assert int(decided.sum()) >= 100, f"only {int(decided.sum())} of 200 rows have a clear margin"
+    chosen = dense.gather(1, ids[:, :1]).squeeze(1)
+    assert bool((chosen >= dense.amax(-1) - 1e-5)[decided].all())
 
 
 def test_balanced_assign_respects_capacities(fresh_seed: int) -> None:
