@@ -223,6 +223,8 @@ def tpot_variants_section(meta: dict[str, Any], rows: list[dict[str, Any]]) -> s
            "over transformers' forward + torch.compile with the dense head (hf-dense):\n\n")
     out += md_table(["variant", "B", "cache", "pos", "attention", "ms/token", "kernels",
                      "floor ms", "GB/s", "% copy bw", "x hf-dense"], body)
+    notes = {f"{r['variant']}: {r['mode_note']}" for r in timed if r.get("mode_note")}
+    out += "".join(f"\n{n}.\n" for n in sorted(notes))
     bad = [r for r in rows if r.get("error")]
     if bad:
         out += "\nFailed: " + "; ".join(f"{r['variant']} B={r['B']}: {r['error']}" for r in bad)

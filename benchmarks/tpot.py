@@ -104,6 +104,8 @@ class Variant:
     forward: str
     attention: str
     first_call_s: float
+    ran_mode: str | None = None      # the mode compile_model used, when it had to change it
+    mode_note: str | None = None     # and why
     ms: dict[int, list[float]] = field(default_factory=dict)       # position -> ms per step
     profile: dict[int, dict] = field(default_factory=dict)        # position -> profile_step
 
@@ -160,7 +162,9 @@ def group(model: torch.nn.Module, assets, forward: str, heads: list[str], B: int
                 call()
         path = "none" if head == "body" else head_path(view.get_output_embeddings(), B)
         out.append(Variant(f"{forward}-{head}", B, cache_len, mode, dec.step, call, path,
-                           dec.info.forward, dec.info.attention, round(first, 2)))
+                           dec.info.forward, dec.info.attention, round(first, 2),
+                           *((dec.info.mode, dec.info.fallback) if dec.info.mode != mode
+                             else ())))
     return out
 
 
@@ -194,8 +198,10 @@ def row_of(v: Variant, position: int, model: torch.nn.Module, assets, cfg: TpotC
     filled = position + 2 + cfg.new_tokens // 2                # the middle of the timed steps
     floor = step_bytes(model, v.step, assets, v.name.split("-", 1)[1], v.B, cfg.probes, filled)
     name = v.name if v.mode == cfg.mode else f"{v.name}@{v.mode}"
+    changed = {} if v.ran_mode is None else dict(asked_mode=v.mode, mode_note=v.mode_note)
     return dict(variant=name, forward=v.forward, attention=v.attention, B=v.B,
-                cache_len=v.cache_len, position=position, path=v.path, mode=v.mode,
+                cache_len=v.cache_len, position=position, path=v.path,
+                mode=v.ran_mode or v.mode, **changed,
                 tpot_ms=med, tpot_ms_mean=statistics.fmean(ms), steps=len(ms),
                 tok_per_s=v.B * 1e3 / med, floor_bytes=floor, floor_ms=floor / copy_gbs / 1e6,
                 gb_per_s=floor / med / 1e6, bw_fraction=floor / med / 1e6 / copy_gbs,
@@ -268,7 +274,7 @@ def run(cfg: TpotConfig) -> tuple[dict, list[dict]]:
             continue
         for v in vs:
             print(f"compiled {v.name:<11} B={B:<3} L={L:<6} ({v.forward}, {v.attention}, "
-                  f"{mode}) first call {v.first_call_s:.1f} s", flush=True)
+                  f"{v.ran_mode or mode}) first call {v.first_call_s:.1f} s", flush=True)
         ready += vs
     timed = [(v, P) for P in cfg.positions for v in ready
              if v.cache_len in cfg.capacities_holding(P)]

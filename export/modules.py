@@ -45,6 +45,10 @@ class _StateAsInputs(nn.Module):
 
     def __init__(self, step: DecodeStep) -> None:
         super().__init__()
+        if step.sliding:
+            raise ValueError("transformers' forward counts a sliding-window layer's fill in a "
+                             "Python int, which an exported program would freeze at its export "
+                             "value; export the fast forward (forward='auto' or 'fast')")
         self.model = step.model          # parameters and FlashHead buffers live here
         self._step = [step]              # a list: keeps the step's own buffers out of the tree
         self.names = state_names(step)

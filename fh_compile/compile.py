@@ -34,6 +34,8 @@ from fh_compile.sampling import SamplingConfig
 log = logging.getLogger(__name__)
 
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# The same mode without CUDA graphs: for steps whose graphs take a changing Python int.
+WITHOUT_CUDAGRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 DEFAULT_ASSET_CACHE = Path("~/.cache/fh-compile/assets")
 
 _STEP_IDS = itertools.count()
@@ -120,7 +122,8 @@ class CompiledDecoder:
             def body(tokens: torch.Tensor) -> torch.Tensor:
                 return step.hidden(tokens.unsqueeze(1))
 
-            self._body = self._in_attention(compile_step(body, self.info.mode))
+            self._body = self._in_attention(compile_step(body, self.info.mode,
+                                                         dynamic_ints=step.sliding))
         return self._body
 
     def _in_attention(self, fn: Callable) -> Callable:
@@ -165,7 +168,7 @@ class CompiledDecoder:
                           ) -> tuple[torch.Tensor, torch.Tensor]:
                     return stage(step.hidden(tokens.unsqueeze(1)), finished)
 
-                fn = self._in_attention(compile_step(fused, mode))
+                fn = self._in_attention(compile_step(fused, mode, dynamic_ints=step.sliding))
             else:
                 body, head_c = self.body_fn(), compile_step(stage, mode)
 
@@ -202,13 +205,16 @@ class CompiledDecoder:
         return f"CompiledDecoder({self.info}, step fns={len(self._fns)})"
 
 
-def compile_step(fn: Callable, mode: str | None) -> Callable:
+def compile_step(fn: Callable, mode: str | None, dynamic_ints: bool = False) -> Callable:
     """torch.compile(fn, mode=mode, fullgraph=True) on a copy of fn with its own code object
     (mode None: fn itself).
 
     Dynamo keeps compiled graphs per code object; closures made by one `def` share theirs, so
     without the copy every decoder of the process would count against one recompile limit (and
     then silently run eagerly) and check the guards of all the others on every step.
+    dynamic_ints: integer attributes of the modules the step reads (transformers' sliding-window
+    cache layers count their fill in one) become symbolic after their first change, so the step
+    recompiles once, not every step (the graph then takes that int as an input: no CUDA graphs).
     """
     if mode is None:
         return fn
@@ -220,7 +226,8 @@ def compile_step(fn: Callable, mode: str | None) -> Callable:
         # Decoding never needs gradients: without this, a call with grad mode on (the weights
         # require grad) would recompile the step as a training graph, which the custom ops
         # (no autograd formulas) cannot be.
-        with torch.no_grad():
+        with torch.no_grad(), torch._dynamo.config.patch(
+                allow_unspec_int_on_nn_module=dynamic_ints):
             return compiled(*args)
 
     return call
@@ -294,9 +301,16 @@ def compile_model(model: nn.Module, assets: FlashHeadAssets | None = None, *, pr
         fingerprint = assets.fingerprint
     step = DecodeStep(model, max_batch_size=max_batch_size, max_cache_len=opts.max_cache_len,
                       k=k, forward=forward, attention=attention, kernels=decode_kernels)
+    fallback = step.info.reason
+    if step.sliding and mode in WITHOUT_CUDAGRAPHS:
+        fallback = (f"{fallback}; mode {WITHOUT_CUDAGRAPHS[mode]!r}, not {mode!r}: transformers' "
+                    f"sliding-window cache counts its fill in a Python int, and a CUDA graph "
+                    f"would be recorded anew for every value")
+        log.warning("compile_model: %s", fallback)
+        mode = WITHOUT_CUDAGRAPHS[mode]
     info = CompileInfo(head="flashhead" if flashhead else "dense", path=step.path, mode=mode,
                        options=opts, forward=step.info.forward, attention=step.info.attention,
-                       fallback=step.info.reason, fingerprint=fingerprint,
+                       fallback=fallback, fingerprint=fingerprint,
                        assets_dir=str(assets_dir) if assets_dir else None, assets_built=built)
     model.fh_compiled = CompiledDecoder(step, info)
     log.info("compile_model: %s", info)

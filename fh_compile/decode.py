@@ -20,8 +20,11 @@ Interface (shared by fh_compile.generate and export/):
   `fullgraph=True` and replays as a CUDA graph.  fast: `kv{i}_k`, `kv{i}_v` [B, H_kv, L, Dh],
   `fill` [1] int64 (slots written), `starts` [B] int64 (first real slot of each row: left
   padding).  hf: the transformers StaticCache tensors (`kv{i}_k`, `kv{i}_v`, `kv{i}_len` []
-  int64), `attn_mask` [B, L] int64 (1 where a slot holds a real token of that row) and
-  `positions` [B] int64 (rotary position of each row's next token).
+  int64; a sliding-window layer's are a ring of `window` slots), `fill`, `attn_mask` [B, L]
+  int64 (1 where a slot holds a real token of that row) and `positions` [B] int64 (rotary
+  position of each row's next token).  Sliding layers also count their fill in a Python int
+  (`cumulative_length_int`), which the compiled step must treat as dynamic (`step.sliding`;
+  fh_compile.compile.compile_step does).
 * Every call must pass exactly `max_batch_size` rows (the cache's batch is fixed); callers pad the
   batch with copies of a real row.
 * `prefill` (eager, any T < L) resets the state first; `reset()` does only that.
@@ -168,6 +171,7 @@ class DecodeStep(nn.Module):
         self.softcap: float | None = getattr(config, "final_logit_softcapping", None)
         self.fast: FastDecoder | None = None
         self._hf_attention: str | None = None   # transformers' forward with the decode op
+        self.sliding = False    # transformers' forward over sliding-window ring buffers
         reason = None
         if forward != "hf":
             try:
@@ -208,10 +212,13 @@ class DecodeStep(nn.Module):
                        device: torch.device, reason: str | None) -> None:
         self._cache_kw = _cache_argument_name(self.model.base_model)
         cache = StaticCache(config=config, max_cache_len=self.max_cache_len)
-        if any(cache.is_sliding) or any(getattr(cache, "is_linear", [])):
-            raise ValueError(f"transformers' forward in DecodeStep supports full-attention layers "
-                             f"only, and this model has sliding-window or linear-attention layers "
-                             f"(fast forward not used: {reason})")
+        if any(getattr(cache, "is_linear", [])):
+            raise ValueError(f"transformers' forward in DecodeStep supports attention layers "
+                             f"only, and this model has linear-attention layers (fast forward "
+                             f"not used: {reason})")
+        # Sliding-window layers keep a ring buffer of `window` slots and count their fill in a
+        # Python int (`cumulative_length_int`): compile_step makes that int dynamic.
+        self.sliding = any(cache.is_sliding)
         cache.early_initialization(self.max_batch_size, heads, head_dim, dtype, device)
         self.cache = cache
         for i, layer in enumerate(cache.layers):
@@ -227,6 +234,9 @@ class DecodeStep(nn.Module):
         self.register_buffer("starts", torch.zeros(self.max_batch_size, dtype=torch.int64,
                                                    device=device), persistent=False)   # [B]
         self._init_counters(heads, device)
+        self.register_buffer("fill", torch.zeros(1, dtype=torch.int64, device=device),
+                             persistent=False)                                      # [1]
+        torch._dynamo.mark_static_address(self.fill)
         torch._dynamo.mark_static_address(self.attn_mask)
         torch._dynamo.mark_static_address(self.positions)
         torch._dynamo.mark_static_address(self.starts)
@@ -248,12 +258,16 @@ class DecodeStep(nn.Module):
 
     def _hf_attention_info(self, attention: str, reason: str | None) -> StepInfo:
         """Use flashhead::decode_attention inside transformers' forward (attention='auto'),
-        through its attention interface; say which runs and why.  `_init_hf_state` has already
-        refused the caches the op cannot read (sliding-window ring buffers, linear attention),
-        so every model that gets here can use it."""
+        through its attention interface; say which runs and why.  The op cannot read
+        transformers' sliding-window ring buffers: such models keep transformers' attention,
+        and the fallback says so."""
         own = str(self.model.config._attn_implementation)
         if attention == "hf":
             return StepInfo("hf", own, reason)
+        if self.sliding:
+            why = hf_attention.unsupported_reason(self.model)
+            return StepInfo("hf", own, f"{reason}; transformers' attention, not "
+                                       f"flashhead::decode_attention: {why}")
         hf_attention.register()
         self._hf_attention = hf_attention.ATTENTION_NAME
         return StepInfo("hf", f"flashhead::decode_attention (transformers' attention interface "
@@ -311,17 +325,19 @@ class DecodeStep(nn.Module):
 
     def filled(self) -> torch.Tensor:
         """Slots of the cache already written: one int64 element on the cache's device."""
-        return self.fill if self.fast is not None else self.cache.layers[0].cumulative_length
+        return self.fill
 
     @torch.no_grad()
     def reset(self) -> None:
         """Empty the cache (in place: addresses stay fixed for compiled graphs)."""
         self.starts.zero_()
+        self.fill.zero_()
         if self.fast is not None:
-            self.fill.zero_()
             return
         for layer in self.cache.layers:
             layer.cumulative_length.zero_()
+            if hasattr(layer, "cumulative_length_int"):      # sliding-window layers
+                layer.cumulative_length_int = 0
         self.attn_mask.zero_()
         self.positions.zero_()
 
@@ -352,6 +368,7 @@ class DecodeStep(nn.Module):
                                     self.fill, self.counters)
         slot = self.filled().view(1)                                     # [1]
         self.attn_mask.index_fill_(1, slot, 1)
+        self.fill.add_(1)
         h = self._hf_body(input_ids, self.positions.unsqueeze(1))[:, -1].contiguous()  # [B, D]
         self.positions.add_(1)
         return h
@@ -398,12 +415,16 @@ class DecodeStep(nn.Module):
         with self.attention_context():
             h = self._hf_body(input_ids, position_ids)[:, -1].contiguous()
         self.positions.copy_(mask.sum(-1))
+        self.fill.fill_(T)
         # Pad slots hold whatever attention made of fully masked rows; zero them so no kernel can
         # turn a masked NaN into a real one later (0 * NaN is NaN).
+        # A sliding layer's ring of W slots holds the prompt's last W positions once T >= W.
         valid = self.attn_mask.bool()[:, None, :, None]                  # [B, 1, L, 1]
         for layer in self.cache.layers:
-            layer.keys.masked_fill_(~valid, 0)
-            layer.values.masked_fill_(~valid, 0)
+            first = max(T - layer.keys.shape[2], 0)
+            kept = valid[:, :, first:first + layer.keys.shape[2]]        # [B, 1, W, 1]
+            layer.keys.masked_fill_(~kept, 0)
+            layer.values.masked_fill_(~kept, 0)
         return h
 
     def prefill(self, input_ids: torch.Tensor,

@@ -81,7 +81,10 @@ def test_results_page(tmp_path: Path) -> None:
                   "kernels_per_step": k, "floor_ms": 0.05, "gb_per_s": 300.0,
                   "bw_fraction": 0.07} for v, ms, k in (("fast-dense", 0.86, 153),
                                                          ("fast-fh", 0.74, 138))]
-                + [{"variant": "hf-dense", "B": 1, "cache_len": 16384, "error": "boom"}]}))
+                + [{"variant": "hf-dense", "B": 1, "cache_len": 16384, "error": "boom"},
+                   {"variant": "hf-dense", "forward": "hf", "attention": "sdpa", "B": 16,
+                    "cache_len": 16384, "position": 128, "tpot_ms": 2.0, "mode": "default",
+                    "mode_note": "compiled without CUDA graphs"}]}))
     (res / "attention_latency.json").write_text(json.dumps({
         "gpu": "NVIDIA H200", "date": "2026-01-07", "copy_bandwidth_gbps": 4210.0,
         "rows": [{"model": "r1", "B": 1, "capacity": 32768, "fill": 8192, "method": m,
@@ -97,6 +100,7 @@ def test_results_page(tmp_path: Path) -> None:
     assert "Not run yet" not in page
     assert "| fast-fh | 1 | 16384 | 128 | flashhead::decode_attention | 0.74 | 138 |" in page
     assert "Failed: hf-dense B=1: boom" in page
+    assert "hf-dense: compiled without CUDA graphs." in page
     assert "| triton | 0.026 |" in page and "Same in every row: model = r1, B = 1" in page
     assert "| q/o | 1 | 4.7 | 6.4 | 4.1 | 1141 | 1.561 | [1, 4] |" in page
     assert "real model's centroids and hidden states" in page and "| 256 | 0.08 | 2303 |" in page

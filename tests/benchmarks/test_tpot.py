@@ -46,3 +46,23 @@ def test_plan_orders_groups_and_checks_capacity() -> None:
     both = TpotConfig(cache_lens=(16384, 256), positions=(128, 8192))
     assert both.capacities_holding(8192) == [16384]
     assert both.capacities_holding(128) == [16384, 256]
+
+
+def test_a_sliding_window_baseline_says_it_ran_without_cuda_graphs() -> None:
+    """transformers' forward over Gemma 3's sliding-window cache cannot replay CUDA graphs:
+    compile_model runs it in the no-graph twin of the mode, and the row keeps the variant's name
+    (it is still the baseline) while it records the mode that ran and why."""
+    from arch_models import tiny_arch
+    from benchmarks.tpot import row_of
+
+    model = tiny_arch("gemma3_text")
+    cfg = TpotConfig(positions=(6,), new_tokens=3, warmup=1, probes=4, k=4, cache_lens=(32,))
+    (v,) = group(model, None, "hf", ["dense"], 2, 32, cfg, "reduce-overhead")
+    assert (v.forward, v.attention, v.mode, v.ran_mode) == ("hf", "sdpa", "reduce-overhead",
+                                                            "default")
+    v.ms[6] = [1.0, 1.0, 1.0]
+    v.profile[6] = {"kernels_per_step": None}
+    row = row_of(v, 6, model, None, cfg, copy_gbs=1000.0)
+    assert (row["variant"], row["mode"], row["asked_mode"]) == ("hf-dense", "default",
+                                                                "reduce-overhead")
+    assert "Python int" in row["mode_note"]

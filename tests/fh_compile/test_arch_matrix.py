@@ -135,3 +135,34 @@ def test_transformers_generate_with_flashhead_on_gemma(arch):
                                      cluster_size=16, coarse_iters=2, fine_iters=2)
     fh_compile.swap_head(model, assets, probes=assets.num_clusters, k=4, dense_above_rows=2)
     assert torch.equal(hf_greedy(model, ids, mask), expected)
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "mistral"])
+def test_transformers_forward_compiles_over_sliding_window_caches(arch):
+    """forward='hf' on sliding-window models (the A/B baseline of the fast forward): transformers'
+    forward and attention over its ring buffers, compiled, give transformers' greedy tokens.
+    The window's fill count, a Python int, becomes dynamic: the step compiles twice, not once a
+    step (a third compile would hit the limit, a hard error with fullgraph=True).  CUDA-graph
+    modes become their no-graph twins, and transformers' attention replaces the decode op; the
+    info says both."""
+    model = tiny_arch(arch)
+    ids, mask = prompt_batch(6)
+    expected = hf_greedy(model, ids, mask)
+    fh_compile.compile_model(model, flashhead=False, mode="reduce-overhead", forward="hf",
+                             max_batch_size=2, max_cache_len=64)
+    info = model.fh_compiled.info
+    assert (info.forward, info.attention, info.mode) == ("hf", "sdpa", "default")
+    assert "sliding-window" in info.fallback and "'default', not 'reduce-overhead'" in info.fallback
+    with torch._dynamo.config.patch(recompile_limit=2):
+        out = fh_compile.generate(model, ids, attention_mask=mask, max_new_tokens=NEW,
+                                  eos_token_id=[])
+    assert torch.equal(out.sequences, expected)
+    with pytest.raises(ValueError, match="Python int"):
+        from export.modules import _StateAsInputs
+        _StateAsInputs(model.fh_compiled.step)
+    fh_compile.compile_model(model, flashhead=False, mode=None, forward="hf", max_batch_size=2,
+                             max_cache_len=64)            # attention="auto": the op cannot serve
+    assert model.fh_compiled.info.attention == "sdpa"
+    assert "not flashhead::decode_attention" in model.fh_compiled.info.fallback
+    out = fh_compile.generate(model, ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=[])
+    assert torch.equal(out.sequences, expected)
