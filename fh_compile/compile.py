@@ -256,7 +256,9 @@ def compile_model(model: nn.Module, assets: FlashHeadAssets | None = None, *, pr
     autotuning): on an H200 transformers' compiled body ran 2.28 ms a token with it (516
     kernels) against 2.53 ms with "max-autotune" (431 kernels), and the fast forward's
     work is in custom ops that autotuning does not touch, so max-autotune only adds compile
-    time there; "max-autotune" works too (zero graph breaks, GPU-tested).
+    time there; "max-autotune" works too (zero graph breaks, GPU-tested).  transformers'
+    forward over a sliding-window cache runs the mode's twin without CUDA graphs
+    (WITHOUT_CUDAGRAPHS; `info.mode` is the one that runs, `info.fallback` says why).
     fuse: compile body + head as one graph (default: the body once, the head per setting).
     max_cache_len: slots of the static KV cache (prompt + generated tokens); None: the model's
     max_position_embeddings, at most 32,768 (a reasoning trace needs thousands of tokens, and
