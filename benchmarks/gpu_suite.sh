@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU session in one command: GPU tests, then the benchmarks, logs and JSON under $OUT.
-#   bash benchmarks/gpu_suite.sh [tests|sweep|attn|head|tpot|gemma|export|all]...  (default: all)
+#   bash benchmarks/gpu_suite.sh [tests|sweep|pdl|attn|head|tpot|gemma|export|all]...  (default: all)
 # Each step has its own time limit (seconds, env T_<STEP>) so one slow step cannot eat the call;
 # extra arguments per step come from env <STEP>_ARGS (e.g. TPOT_ARGS="--batch 1").
 set -uo pipefail
@@ -26,6 +26,10 @@ fi
 if want sweep; then
   step sweep "${T_SWEEP:-240}" gemv_sweep.log python3 -m benchmarks.gemv_sweep ${SWEEP_ARGS:-} \
     --out "$OUT/gemv_sweep.json"
+fi
+if want pdl; then
+  step pdl "${T_PDL:-120}" pdl_chain.log python3 -m benchmarks.pdl_chain ${PDL_ARGS:-} \
+    --out "$OUT/pdl_chain.json"
 fi
 if want attn; then
   step attn "${T_ATTN:-180}" attention_latency.log python3 -m benchmarks.attention_latency \

@@ -11,7 +11,8 @@ import torch
 ARCHS = ("r1-1.5b", "gemma3-270m")
 
 
-def _config(name: str, layers: int | None):
+def arch_config(name: str, layers: int | None = None):
+    """The transformers config of `name` (`layers`: cut short)."""
     from transformers import Gemma3TextConfig, Qwen2Config
 
     if name == "r1-1.5b":     # qwen2, untied head, 12/2 heads of 128
@@ -37,7 +38,7 @@ def random_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "
     """`name`'s architecture with seeded random weights (`layers`: cut short, for diagnostics)."""
     from transformers import AutoModelForCausalLM
 
-    cfg = _config(name, layers)
+    cfg = arch_config(name, layers)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)

@@ -32,6 +32,7 @@ SECTIONS = (("fidelity.json", "Fidelity: agreement with the dense head"),
             ("tpot_gemma.json", "Time per output token: Gemma-3-270M architecture"),
             ("attention_latency.json", "Decode attention"),
             ("gemv_sweep.json", "Fused decode linears (GEMV sweep)"),
+            ("pdl_chain.json", "Programmatic dependent launch: the step's linears in one graph"),
             ("export_times.json", "Export and AOTInductor"))
 
 
@@ -259,6 +260,19 @@ def attention_section(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                                             "floor_ms", "gbps", "x_sdpa_hf", "kernels"))
 
 
+def pdl_section(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """benchmarks.pdl_chain: the step's GEMVs in one CUDA graph, plain launches vs PDL."""
+    plain = {(r["arch"], r["B"]): r["us_per_chain"] for r in rows if r.get("launch") == "plain"}
+    rows = [{**r, "x_plain": plain[(r["arch"], r["B"])] / r["us_per_chain"]} for r in rows
+            if (r.get("arch"), r.get("B")) in plain]
+    out = ("Microseconds per chain of every layer's four GEMVs (CUDA graph replays, median), "
+           f"the weights' floor at the copy bandwidth ({fmt(meta.get('copy_gb_per_s'))} GB/s), "
+           "and the speedup of PDL launches over plain ones:\n\n")
+    return out + generic_table(rows, meta, ("arch", "B", "launch", "us_per_chain", "kernels",
+                                            "us_per_kernel", "floor_us", "bw_fraction",
+                                            "x_plain", "same_output"))
+
+
 def gemv_section(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """benchmarks.gemv_sweep: the best config per (shape, B) against cuBLAS."""
     best: dict[tuple, dict[str, Any]] = {}
@@ -287,6 +301,7 @@ RENDER = {"fidelity.json": fidelity_section, "tasks.json": tasks_section,
           "head_latency.json": latency_section, "head_latency_real.json": latency_section,
           "tpot.json": tpot_section, "tpot_gemma.json": tpot_section,
           "attention_latency.json": attention_section, "gemv_sweep.json": gemv_section,
+          "pdl_chain.json": pdl_section,
           "export_times.json": export_section}
 
 

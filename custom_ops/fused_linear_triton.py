@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.runtime.jit import JITFunction
 
 from custom_ops import counters as counters_mod
@@ -69,7 +70,7 @@ def _fused_gemv_kernel(x_ptr, res_ptr, bn_ptr, norm_ptr, w_ptr, bias_ptr, out_pt
                        HAS_RES: tl.constexpr, HAS_BN: tl.constexpr, HAS_BIAS: tl.constexpr,
                        EVEN_K: tl.constexpr, DOT_IEEE: tl.constexpr, SPLIT: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PREFETCH: tl.constexpr, ONE_PASS: tl.constexpr):
+                       PREFETCH: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr):
     """out [B, N] = prologue(x) [B, K] @ weight[N, K]^T (+ bias [N]), fp32 accumulation.
 
     Inputs: x [B, K] ([B, 2K] = [gate | up] for the act-mul prologues), weight [N, K] and out in
@@ -99,7 +100,15 @@ def _fused_gemv_kernel(x_ptr, res_ptr, bn_ptr, norm_ptr, w_ptr, bias_ptr, out_pt
     benchmarks/gemv_sweep.py (first H200 sweep, before split-K: in the 1.5B's down projection at
     B = 1, 17.2 us vs cuBLAS 12.5 us, too few programs with long K loops; at B = 16, 116 us, the
     act-mul re-read per 8-wide block).
+    PDL (sm_90+, launched with launch_pdl): programmatic dependent launch.  Every program lets
+    the next kernel of the stream start launching, then waits until the previous kernel's
+    writes are visible, before its first load; so a chain of such kernels overlaps each launch
+    with its predecessor's tail.  Measured by benchmarks/pdl_chain.py only (not used by the
+    ops: Inductor launches user kernels without the launch attribute).
     """
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     pid = tl.program_id(0)
     s = tl.program_id(1)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -166,7 +175,7 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, prologue: int, *,
                branch_norm: Optional[torch.Tensor] = None, norm: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, eps: float = 0.0, norm_offset: float = 0.0,
                config: Union[GemvConfig, str, None] = None,
-               counters: Optional[torch.Tensor] = None
+               counters: Optional[torch.Tensor] = None, pdl: bool = False
                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Run one plan: (out [B, N], residual_out [B, K] for RMS_NORM else None).
 
@@ -175,7 +184,8 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, prologue: int, *,
     (launched as given: fit it with `fit_config`), COMPOSITE, or None to pick the plan of
     custom_ops/fused_linear_config.py from the shapes and dtype.  counters: a caller-held
     zeroed int32 buffer for split-K plans (custom_ops.counters.workspace), else the pool.  No
-    host sync.
+    host sync.  pdl: launch with programmatic dependent launch (the kernel's PDL; a CUDA device
+    of compute capability 9.0 or newer, outside Inductor's tracing: benchmarks/pdl_chain.py).
     """
     N, K = weight.shape
     B = x.shape[0]
@@ -188,6 +198,10 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, prologue: int, *,
                                              norm_offset)
         return act_linear_composite(x, weight, KIND_OF[prologue]), None
     assert isinstance(plan, GemvConfig), plan
+    if pdl and (not isinstance(_fused_gemv_kernel, JITFunction) or dev.type != "cuda"
+                or torch.cuda.get_device_capability(dev)[0] < 9):
+        raise ValueError("pdl=True needs a CUDA device of compute capability 9.0 or newer (and "
+                         "not the Triton interpreter); call fused_gemv with pdl=False")
     out = _empty((B, N), dt, dev)                                       # out: [B, N]
     rout = _empty((B, K), dt, dev) if prologue == RMS_NORM else None    # residual_out: [B, K]
     if statically_known_true(B == 0):
@@ -208,8 +222,9 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, prologue: int, *,
         HAS_BIAS=bias is not None, EVEN_K=statically_known_true(K % plan.block_k == 0),
         DOT_IEEE=dt == torch.float32, SPLIT=S > 1, BLOCK_B=plan.block_b,
         BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, PREFETCH=prefetch,
-        ONE_PASS=prologue == RMS_NORM and plan.one_pass,
-        num_warps=plan.num_warps, num_stages=1 if prefetch else plan.num_stages)
+        ONE_PASS=prologue == RMS_NORM and plan.one_pass, PDL=pdl,
+        num_warps=plan.num_warps, num_stages=1 if prefetch else plan.num_stages,
+        **({"launch_pdl": True} if pdl else {}))
     return out, rout
 
 

@@ -95,9 +95,15 @@ def test_results_page(tmp_path: Path) -> None:
                   "weight_bytes": 4.7e6} for m, ms, g, c in (("cublas", 0.0064, 740.0, None),
                                                              ("triton", 0.0050, 940.0, [1, 8]),
                                                              ("triton", 0.0041, 1141.0, [1, 4]))]}))
+    (res / "pdl_chain.json").write_text(json.dumps({
+        "meta": {"gpu": "NVIDIA H200", "date": "2026-01-09", "copy_gb_per_s": 4200.0},
+        "rows": [{"arch": "r1-1.5b", "B": 1, "launch": launch, "us_per_chain": us,
+                  "kernels": 112, "floor_us": 300.0, "same_output": True}
+                 for launch, us in (("plain", 1000.0), ("pdl", 800.0))]}))
     assert results_page.main(["--results", str(res), "--out", str(out)]) == 0
     page = out.read_text()
     assert "Not run yet" not in page
+    assert "| pdl | 800 |" in page and "| 1.25 |" in page
     assert "| fast-fh | 1 | 16384 | 128 | flashhead::decode_attention | 0.74 | 138 |" in page
     assert "Failed: hf-dense B=1: boom" in page
     assert "hf-dense: compiled without CUDA graphs." in page

@@ -299,3 +299,24 @@ def test_opcheck_every_plan(fresh_seed, monkeypatch, B, plan) -> None:
     torch.library.opcheck(torch.ops.flashhead.act_linear.default,
                           (torch.randn(B, 2 * 640, device="cuda", dtype=torch.bfloat16),
                            d["weights"][0], "silu_mul"))
+
+
+def test_pdl_chain_equals_the_plain_launch_in_a_cuda_graph(fresh_seed) -> None:
+    """The GEMV kernel with programmatic dependent launch (benchmarks.pdl_chain): two layers of
+    the 1.5B's linears, each reading its predecessor's output, replayed in a CUDA graph, give
+    the plain launches' outputs bit for bit (a missing wait would read stale inputs)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("PDL needs compute capability 9.0 or newer")
+    from benchmarks.pdl_chain import build_chain, capture
+
+    for B in (1, 16):
+        chain = build_chain("r1-1.5b", B, layers=2)
+        outs = {}
+        for pdl in (False, True):
+            graph, outs[pdl] = capture(chain, pdl)
+            for _ in range(3):
+                graph.replay()
+        torch.cuda.synchronize()
+        eager = chain.run(False)
+        for a, b, c in zip(outs[False], outs[True], eager):
+            assert torch.equal(a, c) and torch.equal(b, c)

@@ -169,3 +169,9 @@ def test_split_k_two_calls_in_a_row(fresh_seed) -> None:
         first = first if first is not None else (x, out)
     again = flt.act_linear_triton(first[0], w, "silu_mul", config=cfg)
     assert torch.equal(again, first[1])
+
+
+def test_pdl_launch_needs_a_hopper_gpu() -> None:
+    x, weight = torch.randn(2, K), torch.randn(N, K)
+    with pytest.raises(ValueError, match="compute capability 9.0"):
+        flt.fused_gemv(x, weight, flt.NONE, config=GemvConfig(1, 4, 32), pdl=True)
