@@ -66,12 +66,14 @@ class Chain:
     run: Callable[[bool], tuple[torch.Tensor, torch.Tensor]]   # pdl -> (h [B, D], res [B, D])
     kernels: int
     weight_bytes: int
+    composite: int          # GEMVs per layer whose plan is the composite (cuBLAS): never PDL
 
 
 def build_chain(arch: str, B: int, device: str = "cuda", layers: int | None = None) -> Chain:
     """Random bf16 weights of `arch`'s shapes (`layers`: cut short); Gemma's layers add its
     branch norms (post-norms), (1 + w) norms and GELU-tanh, as the fast forward runs them."""
-    from custom_ops.fused_linear_triton import (ACT_PROLOGUES, RMS_NORM, fused_gemv)
+    from custom_ops.fused_linear_triton import (ACT_PROLOGUES, COMPOSITE, RMS_NORM, fused_gemv,
+                                                pick_config)
 
     cfg = arch_config(arch, layers)
     gemma = cfg.model_type.startswith("gemma")
@@ -107,7 +109,12 @@ def build_chain(arch: str, B: int, device: str = "cuda", layers: int | None = No
 
     nbytes = sum(t.numel() * t.element_size() for w in weights for t in w.values()
                  if t is not None)
-    return Chain(arch, B, run, 4 * L, nbytes)
+    act_kind = "gelu_tanh_mul" if gemma else "silu_mul"
+    plans = [pick_config("rms_norm", Nq + 2 * Nkv, D, B, torch.bfloat16),
+             pick_config("none", D, Nq, B, torch.bfloat16),
+             pick_config("rms_norm", 2 * I, D, B, torch.bfloat16),
+             pick_config(act_kind, D, I, B, torch.bfloat16)]
+    return Chain(arch, B, run, 4 * L, nbytes, sum(p == COMPOSITE for p in plans))
 
 
 def capture(chain: Chain, pdl: bool) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:
@@ -168,6 +175,7 @@ def run(cfg: PdlChainConfig) -> tuple[dict, list[dict]]:
                                  weight_mb=chain.weight_bytes / 1e6, floor_us=floor_us,
                                  gb_per_s=chain.weight_bytes / med / 1e3,
                                  bw_fraction=floor_us / med, same_output=same,
+                                 composite_per_layer=chain.composite,
                                  raw_us=[round(x, 2) for x in us[launch]]))
             print(f"{arch} B={B}: plain {statistics.median(us['plain']):.1f} us, pdl "
                   f"{statistics.median(us['pdl']):.1f} us, outputs equal: {same}", flush=True)
