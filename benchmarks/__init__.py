@@ -13,3 +13,14 @@ def cuda_missing(prog: str, why: str) -> bool:
         return False
     print(f"error: {prog} needs a CUDA GPU ({why}); run it on the GPU machine", file=sys.stderr)
     return True
+
+
+def write_results(out, prog: str, argv: list[str] | None, meta: dict, rows: list[dict]) -> None:
+    """Record the command line in meta, write {"meta", "rows"} as JSON to `out` (a Path), and
+    say where."""
+    import json
+
+    meta["command"] = " ".join([f"python -m {prog}", *(argv if argv is not None else sys.argv[1:])])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    print(f"\nwrote {out}")

@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from benchmarks import cuda_missing
+from benchmarks import cuda_missing, write_results
 from benchmarks.random_models import ARCHS, arch_config
 
 LAUNCHES = ("plain", "pdl")
@@ -210,11 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if cuda_missing("benchmarks.pdl_chain", "it times CUDA graphs of Triton kernels"):
         return 2
     meta, rows = run(cfg)
-    meta["command"] = " ".join(["python -m benchmarks.pdl_chain",
-                                *(argv if argv is not None else sys.argv[1:])])
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    cfg.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    print(f"\nwrote {cfg.out}")
+    write_results(cfg.out, "benchmarks.pdl_chain", argv, meta, rows)
     print_table(rows)
     return 0
 

@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from benchmarks import cuda_missing
+from benchmarks import cuda_missing, write_results
 from benchmarks.random_models import ARCHS, random_model
 from benchmarks.head_latency import copy_bandwidth_gbps
 from benchmarks.step_cost import profile_step, step_bytes
@@ -352,11 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                   rounds=1)
     cfg = TpotConfig(**kw)
     meta, rows = run(cfg)
-    meta["command"] = " ".join(["python -m benchmarks.tpot",
-                                *(argv if argv is not None else sys.argv[1:])])
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    cfg.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    print(f"\nwrote {cfg.out}")
+    write_results(cfg.out, "benchmarks.tpot", argv, meta, rows)
     print_table(rows)
     return 0
 
