@@ -32,7 +32,7 @@ SECTIONS = (("fidelity.json", "Fidelity: agreement with the dense head"),
             ("tpot_gemma.json", "Time per output token: Gemma-3-270M architecture"),
             ("attention_latency.json", "Decode attention"),
             ("gemv_sweep.json", "Fused decode linears (GEMV sweep)"),
-            ("pdl_chain.json", "Programmatic dependent launch: the step's linears in one graph"),
+            ("pdl_chain.json", "Programmatic dependent launch: the body's kernels in one graph"),
             ("export_times.json", "Export and AOTInductor"))
 
 
@@ -261,12 +261,13 @@ def attention_section(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 
 def pdl_section(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    """benchmarks.pdl_chain: the step's GEMVs in one CUDA graph, plain launches vs PDL."""
+    """benchmarks.pdl_chain: the body's kernels in one CUDA graph, plain launches vs PDL."""
     plain = {(r["arch"], r["B"]): r["us_per_chain"] for r in rows if r.get("launch") == "plain"}
     rows = [{**r, "x_plain": plain[(r["arch"], r["B"])] / r["us_per_chain"]} for r in rows
             if (r.get("arch"), r.get("B")) in plain]
-    out = ("Microseconds per chain of every layer's four GEMVs (CUDA graph replays, median), "
-           f"the weights' floor at the copy bandwidth ({fmt(meta.get('copy_gb_per_s'))} GB/s), "
+    out = ("Microseconds per chain of every layer's five kernels (CUDA graph replays, median), "
+           "the floor of weights and filled K/V at the copy bandwidth "
+           f"({fmt(meta.get('copy_gb_per_s'))} GB/s), "
            "and the speedup of PDL launches over plain ones:\n\n")
     return out + generic_table(rows, meta, ("arch", "B", "launch", "us_per_chain", "kernels",
                                             "us_per_kernel", "floor_us", "bw_fraction",

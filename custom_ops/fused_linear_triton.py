@@ -37,6 +37,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.runtime.jit import JITFunction
 
 from custom_ops import counters as counters_mod
+from custom_ops.pdl import launch_options as pdl_launch_options
 # The kernel's per-row bodies (prologues, K loops).
 from custom_ops.fused_linear_rows import _gemv_rows, _rms_norm_row
 from custom_ops.fused_linear import act_linear_composite, rms_norm_linear_composite
@@ -100,11 +101,8 @@ def _fused_gemv_kernel(x_ptr, res_ptr, bn_ptr, norm_ptr, w_ptr, bias_ptr, out_pt
     benchmarks/gemv_sweep.py (first H200 sweep, before split-K: in the 1.5B's down projection at
     B = 1, 17.2 us vs cuBLAS 12.5 us, too few programs with long K loops; at B = 16, 116 us, the
     act-mul re-read per 8-wide block).
-    PDL (sm_90+, launched with launch_pdl): programmatic dependent launch.  Every program lets
-    the next kernel of the stream start launching, then waits until the previous kernel's
-    writes are visible, before its first load; so a chain of such kernels overlaps each launch
-    with its predecessor's tail.  Measured by benchmarks/pdl_chain.py only (not used by the
-    ops: Inductor launches user kernels without the launch attribute).
+    PDL: programmatic dependent launch (custom_ops/pdl.py): each program lets the next kernel
+    start launching, then waits for the previous kernel's writes before its first load.
     """
     if PDL:
         gdc_launch_dependents()
@@ -184,8 +182,8 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, prologue: int, *,
     (launched as given: fit it with `fit_config`), COMPOSITE, or None to pick the plan of
     custom_ops/fused_linear_config.py from the shapes and dtype.  counters: a caller-held
     zeroed int32 buffer for split-K plans (custom_ops.counters.workspace), else the pool.  No
-    host sync.  pdl: launch with programmatic dependent launch (the kernel's PDL; a CUDA device
-    of compute capability 9.0 or newer, outside Inductor's tracing: benchmarks/pdl_chain.py).
+    host sync.  pdl: launch with programmatic dependent launch (custom_ops/pdl.py; sm_90+, not
+    under Inductor's tracing).
     """
     N, K = weight.shape
     B = x.shape[0]
@@ -198,10 +196,7 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, prologue: int, *,
                                              norm_offset)
         return act_linear_composite(x, weight, KIND_OF[prologue]), None
     assert isinstance(plan, GemvConfig), plan
-    if pdl and (not isinstance(_fused_gemv_kernel, JITFunction) or dev.type != "cuda"
-                or torch.cuda.get_device_capability(dev)[0] < 9):
-        raise ValueError("pdl=True needs a CUDA device of compute capability 9.0 or newer (and "
-                         "not the Triton interpreter); call fused_gemv with pdl=False")
+    launch_pdl = pdl_launch_options(_fused_gemv_kernel, dev, pdl)
     out = _empty((B, N), dt, dev)                                       # out: [B, N]
     rout = _empty((B, K), dt, dev) if prologue == RMS_NORM else None    # residual_out: [B, K]
     if statically_known_true(B == 0):
@@ -224,7 +219,7 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, prologue: int, *,
         BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, PREFETCH=prefetch,
         ONE_PASS=prologue == RMS_NORM and plan.one_pass, PDL=pdl,
         num_warps=plan.num_warps, num_stages=1 if prefetch else plan.num_stages,
-        **({"launch_pdl": True} if pdl else {}))
+        **launch_pdl)
     return out, rout
 
 

@@ -35,8 +35,10 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from custom_ops.counters import is_traced
+from custom_ops.pdl import launch_options as pdl_launch_options
 from custom_ops.decode_attention_triton import (DecodeBlocks, _attend_block, _empty, _finish,
                                                 _launch, _scaled_scores, _split_range,
                                                 split_buffers)
@@ -79,11 +81,15 @@ def _rope_attention_kernel(qkv_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, inv_freq
                            BLOCK_N: tl.constexpr, HAS_QN: tl.constexpr, HAS_KN: tl.constexpr,
                            SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
                            COMBINE_UPTO: tl.constexpr, TREE_G: tl.constexpr,
-                           CSTRIDE: tl.constexpr):
+                           CSTRIDE: tl.constexpr, PDL: tl.constexpr):
     """See the module docstring.  qkv [B, (Hq + 2 * Hkv) * Dh]; k, v caches [B, Hkv, L, Dh]
     (contiguous; slot fill - 1 written); starts [B] int64; fill [1] int64; inv_freq [Dh / 2]
     fp32; q / k norm weights [Dh] when HAS_*; out [B, Hq, 1, Dh]; partials pm, pl [NP, 16, S]
-    and pacc [NP, 16, S, Dh] fp32; count [>= NP * CSTRIDE] int32, zero on entry and on exit."""
+    and pacc [NP, 16, S, Dh] fp32; count [>= NP * CSTRIDE] int32, zero on entry and on exit.
+    PDL: programmatic dependent launch (custom_ops/pdl.py)."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     # Inductor passes Python floats to user kernels as fp64 scalars: keep the math fp32.
     attn_scaling = tl.cast(attn_scaling, tl.float32)
     eps = tl.cast(eps, tl.float32)
@@ -154,11 +160,14 @@ def triton_rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cac
                                  q_norm: Optional[torch.Tensor], k_norm: Optional[torch.Tensor],
                                  eps: float, norm_offset: float, scale: float, window: int = 0,
                                  softcap: float = 0.0, counters: Optional[torch.Tensor] = None,
-                                 *, blocks: Optional[DecodeBlocks] = None) -> torch.Tensor:
+                                 *, blocks: Optional[DecodeBlocks] = None,
+                                 pdl: bool = False) -> torch.Tensor:
     """flashhead::rope_decode_attention with one Triton launch (inputs checked by
     custom_ops.rope_attention.check_inputs).  Writes slot fill - 1 of the caches; returns out
     [B, Hq, 1, Dh] in qkv's dtype.  blocks overrides `decode_blocks` (tests, benchmarks);
     counters: a caller-held zeroed int32 buffer (custom_ops.counters.workspace), else the pool.
+    pdl: launch with programmatic dependent launch (custom_ops/pdl.py; sm_90+, not under
+    Inductor's tracing).
     """
     B, Hkv, L, Dh = k_cache.shape
     Hq = num_q_heads
@@ -167,6 +176,7 @@ def triton_rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cac
     out = _empty((B, Hq, 1, Dh), qkv.dtype, dev)                         # out: [B, Hq, 1, Dh]
     if B == 0:
         return out
+    launch_pdl = pdl_launch_options(_rope_attention_kernel, dev, pdl)
     sb = split_buffers(B, Hkv, group, L, Dh, qkv.dtype, dev, blocks, counters, is_traced(qkv))
     blk, S = sb.blk, sb.blk.splits
     # A missing norm weight is never read; inv_freq stands in (read-only: no aliasing with the
@@ -179,6 +189,6 @@ def triton_rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cac
         group, sb.ng, DH=Dh, S=S, BLOCK_D=blk.block_d, BLOCK_N=blk.block_n,
         HAS_QN=q_norm is not None,
         HAS_KN=k_norm is not None, SOFTCAP=softcap > 0, DOT_FP32=qkv.dtype == torch.float32,
-        COMBINE_UPTO=blk.combine_upto, TREE_G=blk.tree_group, CSTRIDE=sb.cstride,
-        num_warps=blk.num_warps, num_stages=blk.num_stages)
+        COMBINE_UPTO=blk.combine_upto, TREE_G=blk.tree_group, CSTRIDE=sb.cstride, PDL=pdl,
+        num_warps=blk.num_warps, num_stages=blk.num_stages, **launch_pdl)
     return out

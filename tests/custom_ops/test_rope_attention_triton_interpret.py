@@ -148,3 +148,11 @@ def test_split_wise_combine(fresh_seed, splits) -> None:
     blk = blocks(splits, 32)._replace(combine_upto=64)
     for fill in (2, 40, 60):
         check(qkv, k, v, [0, 5, 30], fill, inv_freq, 12, w, blk)
+
+
+def test_pdl_launch_needs_a_hopper_gpu() -> None:
+    qkv, k, v, inv_freq, w = draw(1, 4, 2, 20, 16, norm=False)
+    with pytest.raises(ValueError, match="compute capability 9.0"):
+        rat.triton_rope_decode_attention(qkv, k, v, torch.zeros(1, dtype=torch.int64),
+                                         torch.tensor([5]), inv_freq, 1.0, 4, *w, 1e-6, 0.0,
+                                         0.25, pdl=True)
