@@ -29,8 +29,9 @@ Pipeline of `triton_topk` (every launch fixed-size, no host sync: CUDA-graph cap
      every row of h (their slots follow the P * C cluster slots), and a union program that meets
      one of them in a picked cluster leaves padding in its slot, so each id is a candidate once.
 On Hopper and newer, run eagerly (also inside a CUDA graph), every kernel after the first is
-launched with programmatic dependent launch (`_pdl_entry`): it starts while the kernel before it
-still runs and waits for it on the GPU, which hid ~3 us of launch gaps at B = 1 on an H100.
+launched with programmatic dependent launch (`custom_ops.pdl.pdl_entry`): it starts while the
+kernel before it still runs and waits for it on the GPU, which hid ~3 us of launch gaps at
+B = 1 on an H100.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
-_TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
+from custom_ops.pdl import pdl_entry
+from custom_ops.pdl import supported as pdl_supported
 
 # Widest centroid row the one-program-per-row Triton selection holds in registers (16 warps x
 # 32 keys per thread); above it torch.topk selects.
@@ -60,7 +62,7 @@ def _launch(kernel: Any, grid: tuple[int, ...], pdl: bool = False) -> Any:
     """wrap_triton so Inductor sees the kernel; under TRITON_INTERPRET=1 the kernel is an
     InterpretedFunction, which older torch versions refuse to wrap, so launch it directly.
     pdl (only where `_pdl_usable`): launch it directly with programmatic dependent launch; the
-    kernel must then wait with `_pdl_entry` before it touches memory."""
+    kernel must then wait with `pdl_entry` before it touches memory."""
     if pdl:
         return lambda *args, **kwargs: kernel[grid](*args, launch_pdl=True, **kwargs)
     fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
@@ -70,29 +72,14 @@ def _launch(kernel: Any, grid: tuple[int, ...], pdl: bool = False) -> Any:
 
 
 def _pdl_usable(h: torch.Tensor) -> bool:
-    """Whether the launches may use programmatic dependent launch: a Hopper or newer GPU,
-    triton >= 3.4, compiled kernels (not the interpreter), and the op running now on real
+    """Whether the launches may use programmatic dependent launch (custom_ops.pdl.supported:
+    a Hopper or newer GPU, triton >= 3.4, compiled kernels), with the op running now on real
     tensors.  Not while torch.compile or torch.export trace the op: Inductor launches the
     kernels itself from the traced graph and has no launch_pdl option for user kernels."""
-    if (not h.is_cuda or _TRITON_VERSION < (3, 4)
-            or not isinstance(_score_union_kernel, JITFunction)
-            or torch.compiler.is_compiling() or type(h) is not torch.Tensor):
+    if (not h.is_cuda or torch.compiler.is_compiling() or type(h) is not torch.Tensor
+            or _get_current_dispatch_mode_stack()):   # make_fx / fake / functional tracing
         return False
-    if _get_current_dispatch_mode_stack():        # make_fx / fake / functional tracing
-        return False
-    return torch.cuda.get_device_capability(h.device)[0] >= 9
-
-
-@triton.jit
-def _pdl_entry(WAIT: tl.constexpr, TRIGGER: tl.constexpr):
-    """Programmatic dependent launch (sm_90+).  WAIT: this kernel was launched with launch_pdl,
-    so it may start before the kernel in front of it has finished; wait for that kernel (and see
-    its writes) before touching memory.  TRIGGER: let the next kernel launch now, so its launch
-    latency hides behind this kernel's work (it still waits for this one to finish)."""
-    if WAIT:
-        tl.extra.cuda.gdc_wait()
-    if TRIGGER:
-        tl.extra.cuda.gdc_launch_dependents()
+    return pdl_supported(_score_union_kernel, h.device)
 
 
 # Multi-program radix select: the order key of an fp32 score (32 bits) in three digits, 11 + 11
@@ -138,7 +125,7 @@ def _select_refine_kernel(s_ptr, ws_ptr, K, P, DIGIT: tl.constexpr, CHUNK: tl.co
     S [B, K] fp32; ws [B, 3, 2048] int32 (histograms of the digits before complete, this one
     zeroed before).  Grid (cdiv(K, CHUNK), B).  Cost: 4 * B * K + 8-16 KB * programs (L2) read.
     """
-    _pdl_entry(PDL, PDL)
+    pdl_entry(PDL, PDL)
     b = tl.program_id(1).to(tl.int64)
     bins = tl.arange(0, _NBINS)
     row_ws = ws_ptr + b * _WS_ROW
@@ -176,7 +163,7 @@ def _select_take_kernel(s_ptr, ws_ptr, flag_ptr, union_ptr, sel_ptr, pos_ptr, B,
     directly (no flag exchange and no second counter: two fewer atomic round trips in the chain).
     Grid (cdiv(K, CHUNK), B).  Cost: 4 * B * K read, 4 * B * K + 8 * B * P written.
     """
-    _pdl_entry(PDL, PDL)
+    pdl_entry(PDL, PDL)
     b = tl.program_id(1).to(tl.int64)
     bins = tl.arange(0, _NBINS)
     row_ws = ws_ptr + b * _WS_ROW
@@ -239,7 +226,7 @@ def _centroid_scores_kernel(h_ptr, cent_ptr, noise_ptr, s_ptr, flag_ptr, ws_ptr,
     Cost: K * D * elt bytes of centroids (29 MB for K=9496, D=1536 bf16) + 4 * B * K written.
     PDL: launched normally (a memset comes before it), it lets the next kernel launch early.
     """
-    _pdl_entry(False, PDL)
+    pdl_entry(False, PDL)
     nb = tl.cdiv(B, BLOCK_B)
     kb = tl.program_id(0) // nb                                         # centroid block
     bb = tl.program_id(0) % nb                                          # row block
@@ -415,7 +402,7 @@ def _score_union_kernel(h_ptr, w_ptr, offsets_ptr, token_ids_ptr, pos_ptr, union
     A * D * elt bytes of weight (3 KB per id at D=1536 bf16) + 8 * B * A written, plus A * 8
     bytes per union program (L2).
     """
-    _pdl_entry(PDL, PDL)
+    pdl_entry(PDL, PDL)
     g = tl.program_id(0) - A_PROGRAMS
     n_union = tl.load(n_union_ptr)
     if A_PROGRAMS > 0:
@@ -569,7 +556,7 @@ def _decode_key(key):
 @triton.jit
 def _decode_keys_kernel(key_ptr, ids_ptr, logit_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """ids, logits [N] = the decoded keys [N] int64 (torch.topk's k best per row)."""
-    _pdl_entry(PDL, False)
+    pdl_entry(PDL, False)
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = i < N
     vid, logit = _decode_key(tl.load(key_ptr + i, mask=ok, other=0))

@@ -33,11 +33,11 @@ import torch
 import triton
 import triton.language as tl
 from torch.fx.experimental.symbolic_shapes import statically_known_true
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.runtime.jit import JITFunction
 
 from custom_ops import counters as counters_mod
 from custom_ops.pdl import launch_options as pdl_launch_options
+from custom_ops.pdl import pdl_entry
 # The kernel's per-row bodies (prologues, K loops).
 from custom_ops.fused_linear_rows import _gemv_rows, _rms_norm_row
 from custom_ops.fused_linear import act_linear_composite, rms_norm_linear_composite
@@ -101,12 +101,10 @@ def _fused_gemv_kernel(x_ptr, res_ptr, bn_ptr, norm_ptr, w_ptr, bias_ptr, out_pt
     benchmarks/gemv_sweep.py (first H200 sweep, before split-K: in the 1.5B's down projection at
     B = 1, 17.2 us vs cuBLAS 12.5 us, too few programs with long K loops; at B = 16, 116 us, the
     act-mul re-read per 8-wide block).
-    PDL: programmatic dependent launch (custom_ops/pdl.py): each program lets the next kernel
-    start launching, then waits for the previous kernel's writes before its first load.
+    PDL: programmatic dependent launch (custom_ops/pdl.py): each program waits for the previous
+    kernel's writes before its first load, then lets the next kernel start launching.
     """
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl_entry(PDL, PDL)
     pid = tl.program_id(0)
     s = tl.program_id(1)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -35,10 +35,10 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from custom_ops.counters import is_traced
 from custom_ops.pdl import launch_options as pdl_launch_options
+from custom_ops.pdl import pdl_entry
 from custom_ops.decode_attention_triton import (DecodeBlocks, _attend_block, _empty, _finish,
                                                 _launch, _scaled_scores, _split_range,
                                                 split_buffers)
@@ -87,9 +87,7 @@ def _rope_attention_kernel(qkv_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, inv_freq
     fp32; q / k norm weights [Dh] when HAS_*; out [B, Hq, 1, Dh]; partials pm, pl [NP, 16, S]
     and pacc [NP, 16, S, Dh] fp32; count [>= NP * CSTRIDE] int32, zero on entry and on exit.
     PDL: programmatic dependent launch (custom_ops/pdl.py)."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl_entry(PDL, PDL)
     # Inductor passes Python floats to user kernels as fp64 scalars: keep the math fp32.
     attn_scaling = tl.cast(attn_scaling, tl.float32)
     eps = tl.cast(eps, tl.float32)
