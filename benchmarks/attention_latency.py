@@ -173,7 +173,7 @@ def sweep(q, k, v, starts, fill, ref, base: dict, cfg: AttentionLatencyConfig) -
     settings = {default}
     for bn, chunk_blocks, split_mul, (combine_upto, tree_group) in itertools.product(
             block_ns, (1, 2, 4, 8), (1, 2), ((0, 8), (16, 4), (16, 8), (16, 16))):
-        splits = min(default.splits * split_mul, dat.max_splits(default.block_d))
+        splits = min(default.splits * split_mul, dat.MAX_SPLITS)
         settings.add(dat.DecodeBlocks(splits, bn, default.block_d, chunk_blocks * bn, 4, 2,
                                       combine_upto, tree_group))
     for blk in sorted(settings):

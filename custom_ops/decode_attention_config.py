@@ -11,6 +11,11 @@ import torch
 import triton
 
 _HEADS = 16            # query heads per program: tl.dot's smallest M tile
+# Most splits a launch may take (any head size: the merges fold one [16, block_d] tile at a
+# time; with 8-split tree groups the final merge folds at most 16 group results).
+MAX_SPLITS = 128
+# decode_blocks' splits stop here: 128 at B = 1 awaits a GPU measurement.
+_DEFAULT_MAX_SPLITS = 64
 
 
 class DecodeBlocks(NamedTuple):
@@ -38,7 +43,7 @@ def decode_blocks(B: int, Hkv: int, group: int, L: int, Dh: int, dtype: torch.dt
                   device: torch.device) -> DecodeBlocks:
     """Default launch settings; they depend on shapes only (a compiled graph specializes on B,
     Hkv, L, Dh).  Splits: about two programs per SM at full capacity (B * Hkv * NG * S ~ 2 *
-    SMs), at most L / min_chunk and `max_splits`.  min_chunk (4 blocks for fp32, 64 slots for
+    SMs), at most L / min_chunk and `_DEFAULT_MAX_SPLITS`.  min_chunk (4 blocks for fp32, 64 slots for
     16-bit caches): a short row is latency bound (a chain of memory round trips), so it is
     spread over splits of one or two blocks each and folded by the split-after-split combine.
     Blocks: 64 slots at Dh 128, 32 at other sizes, 16 for fp32 (IEEE fp32 dots); sm_90 builds
@@ -75,17 +80,7 @@ def _check_blocks(blk: DecodeBlocks, Dh: int) -> None:
     if not (pow2(blk.block_n) and pow2(blk.block_d) and blk.block_d >= Dh):
         raise ValueError(f"block_n and block_d must be powers of two >= 16, block_d >= Dh={Dh}; "
                          f"got {blk}")
-    if (not 1 <= blk.splits <= max_splits(blk.block_d) or blk.min_chunk < 1
+    if (not 1 <= blk.splits <= MAX_SPLITS or blk.min_chunk < 1
             or blk.combine_upto < 0 or blk.tree_group < 1):
-        raise ValueError(f"splits must be in [1, {max_splits(blk.block_d)}], min_chunk >= 1, "
+        raise ValueError(f"splits must be in [1, {MAX_SPLITS}], min_chunk >= 1, "
                          f"combine_upto >= 0 and tree_group >= 1, got {blk}")
-
-
-def max_splits(block_d: int) -> int:
-    """Most splits a launch may take (any head size: the merges fold one [16, block_d] tile at
-    a time); with 8-split tree groups the final merge folds at most 16 group results."""
-    return 128
-
-
-# decode_blocks' splits stop here (of max_splits' 128): 128 at B = 1 awaits a GPU measurement.
-_DEFAULT_MAX_SPLITS = 64

@@ -36,8 +36,8 @@ from triton.runtime.jit import JITFunction
 
 from custom_ops.counters import is_traced, workspace
 # Launch settings live in their own module; re-exported here for the kernels' callers.
-from custom_ops.decode_attention_config import (_HEADS, DecodeBlocks, _check_blocks,  # noqa: F401
-                                                _num_sms, decode_blocks, max_splits)
+from custom_ops.decode_attention_config import (_HEADS, MAX_SPLITS, DecodeBlocks,  # noqa: F401
+                                                _check_blocks, _num_sms, decode_blocks)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -64,7 +64,8 @@ def _tanh(x):
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, starts_ptr, fill_ptr, out_ptr, pm_ptr, pl_ptr,
                              pacc_ptr, count_ptr, scale, softcap, window, min_chunk, L, HKV,
                              GROUP, NG, DH: tl.constexpr, S: tl.constexpr,
-                             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                             SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
                              COMBINE_UPTO: tl.constexpr, TREE_G: tl.constexpr,
                              CSTRIDE: tl.constexpr):
     """See the module docstring.  q, out [B, Hq, 1, Dh]; k, v [B, Hkv, L, Dh] (contiguous);
@@ -300,8 +301,7 @@ def triton_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     _launch(_decode_attention_kernel, (sb.part_m.shape[0], S))(
         q, k_cache, v_cache, starts, fill.reshape(1), out, sb.part_m, sb.part_l, sb.part_acc,
         sb.count, float(scale), float(softcap), int(window), blk.min_chunk, L, Hkv, group, sb.ng,
-        DH=Dh, S=S,
-        BLOCK_D=blk.block_d, BLOCK_N=blk.block_n, SOFTCAP=softcap > 0,
+        DH=Dh, S=S, BLOCK_D=blk.block_d, BLOCK_N=blk.block_n, SOFTCAP=softcap > 0,
         DOT_FP32=q.dtype == torch.float32, COMBINE_UPTO=blk.combine_upto,
         TREE_G=blk.tree_group, CSTRIDE=sb.cstride, num_warps=blk.num_warps,
         num_stages=blk.num_stages)

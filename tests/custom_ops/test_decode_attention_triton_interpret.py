@@ -114,7 +114,7 @@ def test_fill_grows_under_one_launch_configuration(fresh_seed) -> None:
 def test_default_blocks_are_valid_launch_settings() -> None:
     for Dh in (64, 80, 128, 256):
         blk = dat.decode_blocks(1, 1, 4, 32768, Dh, torch.bfloat16, torch.device("cpu"))
-        assert 1 <= blk.splits <= dat.max_splits(blk.block_d)
+        assert 1 <= blk.splits <= dat.MAX_SPLITS
     with pytest.raises(ValueError, match="splits must be in"):
         dat.triton_decode_attention(*draw(1, 2, 1, 8, 16), torch.tensor([0]), torch.tensor(3),
                                     0.3, blocks=blocks(0, 16))
