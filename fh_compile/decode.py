@@ -191,6 +191,13 @@ class DecodeStep(nn.Module):
         else:
             self._init_hf_state(config, heads, head_dim, dtype, device, reason)
             self.info = self._hf_attention_info(attention, reason)
+        self.register_buffer("fill", torch.zeros(1, dtype=torch.int64, device=device),
+                             persistent=False)                                      # [1]
+        self.register_buffer("starts", torch.zeros(max_batch_size, dtype=torch.int64,
+                                                   device=device), persistent=False)  # [B]
+        self._init_counters(heads, device)
+        for buf in self.buffers(recurse=False):
+            torch._dynamo.mark_static_address(buf)
 
     def _init_fast_state(self, layers: int, heads: int, head_dim: int, dtype: torch.dtype,
                          device: torch.device) -> None:
@@ -200,13 +207,6 @@ class DecodeStep(nn.Module):
                                                          device=device), persistent=False)
             self.register_buffer(f"kv{i}_v", torch.zeros(B, heads, L, head_dim, dtype=dtype,
                                                          device=device), persistent=False)
-        self.register_buffer("fill", torch.zeros(1, dtype=torch.int64, device=device),
-                             persistent=False)                                      # [1]
-        self.register_buffer("starts", torch.zeros(B, dtype=torch.int64, device=device),
-                             persistent=False)                                      # [B]
-        self._init_counters(heads, device)
-        for name, buf in self.named_buffers(recurse=False):
-            torch._dynamo.mark_static_address(buf)
 
     def _init_hf_state(self, config, heads: int, head_dim: int, dtype: torch.dtype,
                        device: torch.device, reason: str | None) -> None:
@@ -231,17 +231,6 @@ class DecodeStep(nn.Module):
                              persistent=False)
         self.register_buffer("positions", torch.zeros(self.max_batch_size, dtype=torch.int64,
                                                       device=device), persistent=False)
-        self.register_buffer("starts", torch.zeros(self.max_batch_size, dtype=torch.int64,
-                                                   device=device), persistent=False)   # [B]
-        self._init_counters(heads, device)
-        self.register_buffer("fill", torch.zeros(1, dtype=torch.int64, device=device),
-                             persistent=False)                                      # [1]
-        torch._dynamo.mark_static_address(self.fill)
-        torch._dynamo.mark_static_address(self.attn_mask)
-        torch._dynamo.mark_static_address(self.positions)
-        torch._dynamo.mark_static_address(self.starts)
-        if self.counters is not None:
-            torch._dynamo.mark_static_address(self.counters)
 
     def _init_counters(self, kv_heads: int, device: torch.device) -> None:
         """counters: [n] int32, the split-K kernels' scratch (custom_ops.counters), zero, and
@@ -345,8 +334,7 @@ class DecodeStep(nn.Module):
     def _hf_body(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         extra = {}
         if self._hf_attention is not None and input_ids.shape[1] == 1:
-            extra = dict(fh_starts=self.starts, fh_fill=self.cache.layers[0].cumulative_length,
-                         fh_counters=self.counters)
+            extra = dict(fh_starts=self.starts, fh_fill=self.fill, fh_counters=self.counters)
         out = self.body(input_ids=input_ids, attention_mask=self.attn_mask,
                         position_ids=position_ids, use_cache=True, **{self._cache_kw: self.cache},
                         **extra)
