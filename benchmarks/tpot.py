@@ -17,8 +17,8 @@ adds its own small graph.  Before timing, a prompt of `--position` tokens fills 
 `--new-tokens` steps are timed with CUDA events, in `--rounds` rounds interleaved over all
 variants (clock drift hits all alike).  Several positions reuse the compiled steps: each is
 timed (and profiled) at every capacity that holds it.  Per row: median ms per token, kernels per
-step (profiled), the byte floor (benchmarks.step_cost), achieved GB/s against it, and the fraction of the copy
-bandwidth measured in the same run.  Ratios are taken within the run only.
+step (profiled), the byte floor (benchmarks.step_cost), achieved GB/s against it, and the
+fraction of the copy bandwidth measured in the same run.  Ratios are taken within the run only.
 """
 
 from __future__ import annotations

@@ -43,9 +43,10 @@ def decode_blocks(B: int, Hkv: int, group: int, L: int, Dh: int, dtype: torch.dt
                   device: torch.device) -> DecodeBlocks:
     """Default launch settings; they depend on shapes only (a compiled graph specializes on B,
     Hkv, L, Dh).  Splits: about two programs per SM at full capacity (B * Hkv * NG * S ~ 2 *
-    SMs), at most L / min_chunk and `_DEFAULT_MAX_SPLITS`.  min_chunk (4 blocks for fp32, 64 slots for
-    16-bit caches): a short row is latency bound (a chain of memory round trips), so it is
-    spread over splits of one or two blocks each and folded by the split-after-split combine.
+    SMs), at most L / min_chunk and `_DEFAULT_MAX_SPLITS`.  min_chunk (4 blocks for fp32, 64
+    slots for 16-bit caches): a short row is latency bound (a chain of memory round trips), so
+    it is spread over splits of one or two blocks each and folded by the split-after-split
+    combine.
     Blocks: 64 slots at Dh 128, 32 at other sizes, 16 for fp32 (IEEE fp32 dots); sm_90 builds
     of triton 3.9 at 4 warps: 168 registers at Dh 128 bf16, 197 at Dh 256, 96 at Dh 64 (64-slot
     blocks there: 255 and spills), no spills.

@@ -29,10 +29,11 @@ MAX_SPLITS = 64
 _SMS = 132          # programs per wave on an H100/H200
 
 # Measured best plans: (kind, N, K, batch bucket) -> (block_b, block_n, block_k, num_warps,
-# num_stages[, splits[, one_pass]]) or "composite"; block_k counts 16-bit elements (fp32 weights use half as
-# many, the same bytes).  Buckets: "b1" (B = 1), "b4" (B <= 4), "b16" (B <= 16), "b32" (B <= 32),
-# "b64" (B > 32; B > 64 loops over 64-row blocks): a bucket's entry is measured at its largest B
-# (the sweep's batches).  Paste the dict that `python -m benchmarks.gemv_sweep` prints.
+# num_stages[, splits[, one_pass]]) or "composite"; block_k counts 16-bit elements (fp32
+# weights use half as many, the same bytes).  Buckets: "b1" (B = 1), "b4" (B <= 4), "b16"
+# (B <= 16), "b32" (B <= 32), "b64" (B > 32; B > 64 loops over 64-row blocks): a bucket's entry
+# is measured at its largest B (the sweep's batches).  Paste the dict that
+# `python -m benchmarks.gemv_sweep` prints.
 # Entries below: the winners of `gemv_sweep --quick --batch 1 16` on an NVIDIA H200 (torch 2.11,
 # triton 3.6, 2026-11-30; the run stopped at its time limit after Gemma's gate/up at B = 1, so
 # Gemma's down projection and its B = 16 gate/up keep `default_config`).  us, best vs cuBLAS:

@@ -82,9 +82,9 @@ def _fused_gemv_kernel(x_ptr, res_ptr, bn_ptr, norm_ptr, w_ptr, bias_ptr, out_pt
       RMS_NORM: b = x or round(rms(x) * (norm_offset + branch_norm)); r = round(b + residual) or
         b -> residual_out; input = round(rms(r) * (norm_offset + norm)), rms(v) = v / sqrt(mean
         (v^2) + eps).  Each program first sums r^2 over all of K per row (and x^2 before it with
-        HAS_BN), then normalizes each chunk of its K range in the main loop; ONE_PASS (plans with
-        one_pass: FMA rows without splits, `_rms_norm_row`) applies the norms' scales after the sums instead, in a
-        single pass that does not round the input.
+        HAS_BN), then normalizes each chunk of its K range in the main loop; ONE_PASS (plans
+        with one_pass: FMA rows without splits, `_rms_norm_row`) applies the norms' scales
+        after the sums instead, in a single pass that does not round the input.
       SILU_MUL / GELU_TANH_MUL: input = round(act(gate) * up); NONE: input = x.
     Grid (cdiv(N, BLOCK_N), S).  SPLIT (S > 1): program (j, s) covers K columns [s c, (s + 1) c)
     with c = ceil(ceil(K / S) / BLOCK_K) BLOCK_K, stores fp32 partials to ws [S, B, N], and the
