@@ -10,6 +10,7 @@ import torch
 
 import fh_compile
 from arch_models import ARCHS, FAST, VOCAB, WINDOW, tiny_arch
+from export.modules import _StateAsInputs
 from fh_compile.arch import UnsupportedArchitecture
 from fh_compile.decode import DecodeStep
 
@@ -158,7 +159,6 @@ def test_transformers_forward_compiles_over_sliding_window_caches(arch):
                                   eos_token_id=[])
     assert torch.equal(out.sequences, expected)
     with pytest.raises(ValueError, match="Python int"):
-        from export.modules import _StateAsInputs
         _StateAsInputs(model.fh_compiled.step)
     fh_compile.compile_model(model, flashhead=False, mode=None, forward="hf", max_batch_size=2,
                              max_cache_len=64)            # attention="auto": the op cannot serve
